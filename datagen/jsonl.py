@@ -1,0 +1,172 @@
+"""Streaming JSONL reading and atomic writing.
+
+- ``iter_jsonl(path)`` yields ``(line_number, object)`` one line at a time; a line that
+  is not JSON raises ``UserError`` naming ``file:line``.
+- ``atomic_writer(path)`` writes to a temporary file beside ``path`` and renames it
+  into place only when the block finishes without an exception: an output file is
+  either complete or absent.
+- ``append_jsonl(path)`` is the one sanctioned exception: an append-only file whose
+  every record is flushed and fsynced as it is written (resumable generation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+from datagen.errors import UserError
+
+
+def dumps(obj: Any) -> str:
+    """One compact JSON line (no trailing newline), UTF-8 kept as is."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def _short(text: str, limit: int = 60) -> str:
+    text = text.strip()
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def iter_jsonl(path: str | os.PathLike, *, skip_blank: bool = True) -> Iterator[tuple[int, Any]]:
+    """Yield ``(line_number, obj)`` for each line of a JSONL file, streaming.
+
+    Blank lines are skipped. A malformed line raises ``UserError("FILE:LINE: ...")``.
+    """
+    path = Path(path)
+    try:
+        handle = open(path, "r", encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file; check the path") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, expected a .jsonl file") from None
+    except PermissionError:
+        raise UserError(f"{path}: permission denied; check the file's permissions") from None
+    with handle:
+        line_number = 0
+        try:
+            for line_number, line in enumerate(handle, start=1):
+                if skip_blank and not line.strip():
+                    continue
+                try:
+                    yield line_number, json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UserError(
+                        f"{path}:{line_number}: not valid JSON ({exc.msg} at column {exc.colno}): "
+                        f"{_short(line)!r}; each line must be one JSON object"
+                    ) from None
+        except UnicodeDecodeError as exc:
+            raise UserError(
+                f"{path}:{line_number + 1}: not UTF-8 text ({exc.reason}); save the file as UTF-8"
+            ) from None
+
+
+def iter_jsonl_objects(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """Like ``iter_jsonl`` but every line must be a JSON object."""
+    for line_number, obj in iter_jsonl(path):
+        if not isinstance(obj, dict):
+            raise UserError(
+                f"{path}:{line_number}: expected a JSON object, got {type(obj).__name__}; "
+                "each line must be one JSON object"
+            )
+        yield line_number, obj
+
+
+def temp_path_beside(path: Path) -> Path:
+    """A fresh, unused temporary file name in the same folder as ``path``."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    os.close(fd)
+    return Path(name)
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    """Open a temporary file beside ``path``; rename it over ``path`` on success.
+
+    On any exception (KeyboardInterrupt included) the temporary file is removed and
+    ``path`` is left exactly as it was.
+    """
+    path = Path(path)
+    if path.parent and not path.parent.exists():
+        raise UserError(f"{path}: folder {path.parent} does not exist; create it first")
+    tmp = temp_path_beside(path)
+    try:
+        kwargs = {} if "b" in mode else {"encoding": "utf-8", "newline": "\n"}
+        with open(tmp, mode, **kwargs) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+class AppendJsonl:
+    """An append-only JSONL file: each ``write`` is one whole line, flushed and fsynced.
+
+    Used where losing finished work costs more than the sync (a killed job resumes
+    from what is on disk). A torn last line from a kill is repaired on open: the
+    partial line is cut off so the next record starts on a fresh line.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, fsync: bool = True):
+        self.path = Path(path)
+        self.fsync = fsync
+        repair_torn_tail(self.path)
+        self._handle = open(self.path, "a", encoding="utf-8", newline="\n")
+
+    def write(self, obj: Any) -> None:
+        self.write_many([obj])
+
+    def write_many(self, objs) -> None:
+        data = "".join(dumps(obj) + "\n" for obj in objs)
+        if not data:
+            return
+        self._handle.write(data)
+        self._handle.flush()
+        if self.fsync:
+            os.fsync(self._handle.fileno())
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> "AppendJsonl":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def repair_torn_tail(path: Path) -> int:
+    """Cut a last line that has no newline (a write killed halfway). Returns bytes cut."""
+    if not path.exists():
+        return 0
+    with open(path, "rb+") as handle:
+        handle.seek(0, os.SEEK_END)
+        size = handle.tell()
+        if size == 0:
+            return 0
+        handle.seek(size - 1)
+        if handle.read(1) == b"\n":
+            return 0
+        # Walk back to the last newline.
+        pos = size - 1
+        chunk = 4096
+        while pos > 0:
+            start = max(0, pos - chunk)
+            handle.seek(start)
+            block = handle.read(pos - start)
+            idx = block.rfind(b"\n")
+            if idx >= 0:
+                new_size = start + idx + 1
+                break
+            pos = start
+        else:
+            new_size = 0
+        handle.truncate(new_size)
+        return size - new_size

@@ -1,0 +1,384 @@
+"""Prompts files of every supported kind, read as a stream of records.
+
+Kinds (``--input_format auto`` picks by extension, or by content for ``.json``):
+
+- ``jsonl``    one JSON object per line (``.jsonl``, ``.ndjson``, or ``.json`` starting with ``{``)
+- ``json``     a JSON array of objects (``.json`` starting with ``[``), parsed incrementally
+- ``csv``      a header row then one row per record (``.csv``; ``.tsv`` is tab-separated);
+               read with the stdlib so every value stays text exactly as written
+- ``parquet``  a Parquet file (``.parquet``, ``.pq``), streamed through ``datasets``
+- ``hf``       a Hugging Face dataset saved with ``save_to_disk`` (a folder), memory-mapped
+
+Rows count from 0, as in the default ``custom_id`` ``request-<row>``. A record's
+``where`` names the file and line (or row) for error messages.
+
+``Prompt`` is what both routes need from a row: the ``custom_id``, a plain ``text``
+or a chat ``messages`` conversation, an optional ``system`` prompt, and the row's own
+fields (the user's metadata). ``PromptOptions`` says how a row becomes a ``Prompt``;
+``add_prompt_args`` defines its flags once for every script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import string
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from datagen.cli import add_flag
+from datagen.errors import UserError
+from datagen.jsonl import iter_jsonl
+
+FORMATS = ("auto", "jsonl", "json", "csv", "parquet", "hf")
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+@dataclass
+class Row:
+    index: int  # 0-based row number
+    where: str  # "file:line (row N)" or "file row N", for messages
+    data: dict
+
+
+# --- reading rows ----------------------------------------------------------------
+
+
+def detect_format(path: Path) -> str:
+    if path.is_dir():
+        return "hf"
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        return "jsonl"
+    if suffix in (".csv", ".tsv"):
+        return "csv"
+    if suffix in (".parquet", ".pq"):
+        return "parquet"
+    if suffix == ".json":
+        with open(path, "r", encoding="utf-8", errors="replace") as handle:
+            while True:
+                char = handle.read(1)
+                if not char or not char.isspace():
+                    break
+        return "json" if char == "[" else "jsonl"
+    raise UserError(
+        f"{path}: cannot tell the file kind from its extension {suffix or '(none)'}; "
+        f"pass --input_format ({', '.join(FORMATS[1:])})"
+    )
+
+
+def iter_rows(path: str | os.PathLike, fmt: str = "auto", split: str | None = None) -> Iterator[Row]:
+    """Yield every row of a prompts file as a ``Row``, streaming."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder; check --input_file")
+    if path.is_file() and path.stat().st_size == 0:
+        raise UserError(f"{path}: the file is empty; it needs at least one prompt row")
+    if fmt == "auto":
+        fmt = detect_format(path)
+    readers = {"jsonl": _iter_jsonl_rows, "json": _iter_json_array_rows, "csv": _iter_csv_rows,
+               "parquet": _iter_parquet_rows, "hf": _iter_hf_rows}
+    if fmt not in readers:
+        raise UserError(f"unknown input format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if fmt == "hf":
+        yield from _iter_hf_rows(path, split)
+    else:
+        yield from readers[fmt](path)
+
+
+def _require_object(obj: Any, where: str) -> dict:
+    if not isinstance(obj, dict):
+        raise UserError(f"{where}: expected a JSON object per row, got {type(obj).__name__}")
+    return obj
+
+
+def _iter_jsonl_rows(path: Path) -> Iterator[Row]:
+    index = 0
+    for line_number, obj in iter_jsonl(path):
+        where = f"{path}:{line_number} (row {index})"
+        yield Row(index, where, _require_object(obj, where))
+        index += 1
+
+
+def _iter_json_array_rows(path: Path, chunk_size: int = 1 << 20,
+                          max_record_bytes: int = 64 << 20) -> Iterator[Row]:
+    """Parse a JSON array one element at a time, holding about one chunk in memory."""
+    decoder = json.JSONDecoder()
+    with open(path, "r", encoding="utf-8") as handle:
+        buf, pos, eof, lines_before = "", 0, False, 1
+
+        def more() -> bool:
+            nonlocal buf, pos, eof, lines_before
+            if eof:
+                return False
+            lines_before += buf.count("\n", 0, pos)
+            buf, pos = buf[pos:], 0
+            chunk = handle.read(chunk_size)
+            if not chunk:
+                eof = True
+                return False
+            buf += chunk
+            return True
+
+        def skip_ws() -> str:
+            nonlocal pos
+            while True:
+                while pos < len(buf) and buf[pos].isspace():
+                    pos += 1
+                if pos < len(buf) or not more():
+                    return buf[pos] if pos < len(buf) else ""
+
+        def where_at(offset: int) -> str:
+            return f"{path}:{lines_before + buf.count(chr(10), 0, offset)}"
+
+        if skip_ws() != "[":
+            raise UserError(f"{where_at(pos)}: a .json prompts file must be a JSON array of objects "
+                            "(or use .jsonl with one object per line)")
+        pos += 1
+        index = 0
+        if skip_ws() == "]":
+            return
+        while True:
+            skip_ws()
+            start = pos
+            while True:
+                try:
+                    obj, end = decoder.raw_decode(buf, pos)
+                    break
+                except json.JSONDecodeError as exc:
+                    if len(buf) - start < max_record_bytes and more():
+                        start = pos
+                        continue
+                    raise UserError(f"{where_at(exc.pos)}: not valid JSON ({exc.msg}); "
+                                    "fix the file or convert it to JSONL") from None
+            where = f"{where_at(pos)} (row {index})"
+            pos = end
+            yield Row(index, where, _require_object(obj, where))
+            index += 1
+            sep = skip_ws()
+            if sep == ",":
+                pos += 1
+                continue
+            if sep == "]":
+                return
+            raise UserError(f"{where_at(pos)}: expected ',' or ']' after row {index - 1} "
+                            "in the JSON array; fix the file")
+
+
+def _iter_csv_rows(path: Path) -> Iterator[Row]:
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # prompts can be long
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    with open(path, "r", encoding="utf-8-sig", newline="") as handle:
+        reader = csv.reader(handle, delimiter=delimiter)
+        try:
+            header = next(reader, None)
+            if not header:
+                raise UserError(f"{path}: no header row; the first line must name the columns")
+            index = 0
+            for values in reader:
+                if not values:
+                    continue
+                where = f"{path}:{reader.line_num} (row {index})"
+                if len(values) != len(header):
+                    raise UserError(f"{where}: {len(values)} values but the header has {len(header)} "
+                                    "columns; quote values that contain the delimiter")
+                yield Row(index, where, dict(zip(header, values)))
+                index += 1
+        except csv.Error as exc:
+            raise UserError(f"{path}:{reader.line_num}: bad CSV ({exc})") from None
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{path}: not UTF-8 text ({exc.reason}); save the file as UTF-8") from None
+
+
+def _iter_parquet_rows(path: Path) -> Iterator[Row]:
+    import datasets
+
+    try:
+        stream = datasets.load_dataset("parquet", data_files=str(path), split="train", streaming=True)
+        for index, data in enumerate(stream):
+            yield Row(index, f"{path} row {index}", data)
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, UserError):
+            raise
+        raise UserError(f"{path}: cannot read as Parquet ({exc}); check the file") from None
+
+
+def _iter_hf_rows(path: Path, split: str | None) -> Iterator[Row]:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(f"{path}: not a dataset saved with save_to_disk ({exc})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        splits = list(loaded)
+        if split is None:
+            if len(splits) == 1 or "train" not in splits:
+                if len(splits) != 1:
+                    raise UserError(f"{path}: the dataset has splits {', '.join(splits)}; choose one with --split")
+                split = splits[0]
+            else:
+                split = "train"
+        if split not in loaded:
+            raise UserError(f"{path}: no split {split!r}; it has {', '.join(splits)}")
+        loaded = loaded[split]
+    elif split is not None:
+        raise UserError(f"{path}: the dataset has no splits; drop --split")
+    index = 0
+    for batch in loaded.iter(batch_size=1000):
+        columns = list(batch)
+        for values in zip(*(batch[c] for c in columns)):
+            yield Row(index, f"{path} row {index}", dict(zip(columns, values)))
+            index += 1
+
+
+# --- rows into prompts -----------------------------------------------------------
+
+
+@dataclass
+class Prompt:
+    custom_id: str
+    text: str | None = None  # a plain prompt (completions, embeddings, or one user turn)
+    messages: list[dict] | None = None  # a whole conversation, as given
+    system: str | None = None  # the --system_prompt, kept apart so each endpoint places it
+    row: dict = field(default_factory=dict)  # the user's fields, for joins downstream
+    where: str = ""
+
+    def chat_messages(self) -> list[dict]:
+        """The conversation for a chat endpoint: the system prompt first, then the turns."""
+        turns = self.messages if self.messages is not None else [{"role": "user", "content": self.text}]
+        return ([{"role": "system", "content": self.system}] if self.system else []) + list(turns)
+
+
+@dataclass
+class PromptOptions:
+    prompt_field: str = "prompt"
+    messages_field: str = "messages"
+    id_field: str | None = None
+    template: str | None = None
+    system: str | None = None
+
+    def template_fields(self) -> list[str]:
+        """The ``{field}`` names in the template; a malformed template is a UserError."""
+        if self.template is None:
+            return []
+        try:
+            parsed = list(string.Formatter().parse(self.template))
+        except ValueError as exc:
+            raise UserError(f"--prompt_template is malformed ({exc}); write literal braces as {{{{ and }}}}") from None
+        names = []
+        for _, name, spec, conversion in parsed:
+            if name is None:
+                continue
+            if not name.isidentifier() and not name.replace("-", "_").replace(" ", "_").isidentifier():
+                raise UserError(f"--prompt_template placeholder {{{name}}} is not a plain field name; "
+                                "use {field} and write literal braces as {{ and }}")
+            names.append(name)
+        if not names:
+            raise UserError("--prompt_template has no {field} placeholder; name at least one row field")
+        return names
+
+
+def add_prompt_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The flags that say how a prompts file's rows become prompts (shared by both routes)."""
+    group = parser.add_argument_group("prompts file")
+    add_flag(group, "input_format", default="auto", choices=FORMATS,
+             help="kind of --input_file; auto picks by extension (.json by its first character)")
+    add_flag(group, "split", default=None, help="split of a saved Hugging Face DatasetDict (default: train or the only one)")
+    add_flag(group, "prompt_field", default="prompt", help="row field holding the prompt text")
+    add_flag(group, "messages_field", default="messages",
+             help="row field holding a whole chat conversation [{role, content}, ...], used when a row has no prompt field")
+    add_flag(group, "id_field", default=None, help="row field to use as custom_id (default: request-<row>)")
+    add_flag(group, "prompt_template", default=None,
+             help="build the prompt from row fields, e.g. 'Question: {question}\\nAnswer:' (literal braces as {{ }})")
+    system = group.add_mutually_exclusive_group()
+    add_flag(system, "system_prompt", default=None, help="system prompt put before every conversation")
+    add_flag(system, "system_prompt_file", default=None, help="file whose text is the system prompt")
+    return group
+
+
+def options_from_args(args: argparse.Namespace) -> PromptOptions:
+    system = args.system_prompt
+    if args.system_prompt_file:
+        try:
+            system = Path(args.system_prompt_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise UserError(f"--system_prompt_file {args.system_prompt_file}: cannot read it ({exc.strerror})") from None
+        if not system:
+            raise UserError(f"--system_prompt_file {args.system_prompt_file} is empty; put the system prompt in it")
+    options = PromptOptions(args.prompt_field, args.messages_field, args.id_field, args.prompt_template, system)
+    options.template_fields()  # fail on a malformed template before reading any row
+    return options
+
+
+def _fields(data: dict) -> str:
+    names = list(data)
+    shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+    return shown or "none"
+
+
+def _validate_messages(messages: Any, where: str, name: str) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"{where}: field {name!r} must be a non-empty list of {{role, content}} messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise UserError(f"{where}: {name}[{i}] must be an object with 'role' and 'content'")
+        if message["role"] not in ROLES:
+            raise UserError(f"{where}: {name}[{i}] has role {message['role']!r}; use one of {', '.join(ROLES)}")
+    return messages
+
+
+def row_to_prompt(row: Row, options: PromptOptions) -> Prompt:
+    """Turn one row into a Prompt, or raise a UserError that names the row and its fields."""
+    data = row.data
+    if options.id_field:
+        if data.get(options.id_field) in (None, ""):
+            raise UserError(f"{row.where}: no id in field {options.id_field!r} (--id_field); "
+                            f"the row has fields: {_fields(data)}")
+        value = data[options.id_field]
+        if not isinstance(value, (str, int)) or isinstance(value, bool):
+            raise UserError(f"{row.where}: id field {options.id_field!r} must be text or an integer, "
+                            f"got {type(value).__name__}")
+        custom_id = str(value)
+    else:
+        custom_id = f"request-{row.index}"
+    prompt = Prompt(custom_id, system=options.system, row=data, where=row.where)
+    if options.template is not None:
+        values = {}
+        for name in options.template_fields():
+            if name not in data:
+                raise UserError(f"{row.where}: --prompt_template placeholder {{{name}}} is not a field of this row; "
+                                f"the row has fields: {_fields(data)}")
+            values[name] = "" if data[name] is None else data[name]
+        prompt.text = options.template.format_map(values)
+    elif options.prompt_field in data and data[options.prompt_field] is not None:
+        text = data[options.prompt_field]
+        if not isinstance(text, str):
+            raise UserError(f"{row.where}: field {options.prompt_field!r} must be text, got {type(text).__name__}")
+        prompt.text = text
+    elif options.messages_field in data and data[options.messages_field] is not None:
+        prompt.messages = _validate_messages(data[options.messages_field], row.where, options.messages_field)
+        if options.system and prompt.messages[0]["role"] in ("system", "developer"):
+            raise UserError(f"{row.where}: the conversation already starts with a {prompt.messages[0]['role']} "
+                            "message; drop --system_prompt or that message")
+    else:
+        raise UserError(f"{row.where}: no {options.prompt_field!r} field (--prompt_field) and no "
+                        f"{options.messages_field!r} field (--messages_field); the row has fields: {_fields(data)}")
+    if prompt.text is not None and not prompt.text.strip():
+        raise UserError(f"{row.where}: empty prompt; every row needs some text to send")
+    return prompt
+
+
+def iter_prompts(path: str | os.PathLike, options: PromptOptions, fmt: str = "auto",
+                 split: str | None = None) -> Iterator[Prompt]:
+    """Stream ``Prompt``s from a prompts file; an empty file is a UserError."""
+    count = 0
+    for row in iter_rows(path, fmt, split):
+        count += 1
+        yield row_to_prompt(row, options)
+    if count == 0:
+        raise UserError(f"{path}: no rows; the prompts file needs at least one prompt")
