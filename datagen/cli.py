@@ -50,17 +50,26 @@ def add_logging_args(parser: argparse.ArgumentParser) -> None:
              help="how much to log on stderr (env DATAGEN_LOG_LEVEL)")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (tests swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=getattr(logging, level, logging.INFO),
-        format="%(asctime)s %(levelname)s %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-        force=True,
-    )
-    # Third-party libraries are chatty at INFO; keep their warnings.
-    for name in ("httpx", "httpx2", "httpcore", "openai", "urllib3", "filelock", "datasets"):
-        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
+    """Log the suite's own messages (logger ``datagen`` and its children) on stderr."""
+    logger = logging.getLogger("datagen")
+    logger.setLevel(getattr(logging, level, logging.INFO))
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
+        logger.addHandler(handler)
 
 
 def run(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int | None],

@@ -144,16 +144,16 @@ def _iter_json_array_rows(path: Path, chunk_size: int = 1 << 20,
             return
         while True:
             skip_ws()
-            start = pos
             while True:
                 try:
                     obj, end = decoder.raw_decode(buf, pos)
                     break
                 except json.JSONDecodeError as exc:
-                    if len(buf) - start < max_record_bytes and more():
-                        start = pos
+                    # Maybe the object runs past the buffer: read on (more() keeps pos at its start).
+                    error_where = where_at(exc.pos)
+                    if len(buf) - pos < max_record_bytes and more():
                         continue
-                    raise UserError(f"{where_at(exc.pos)}: not valid JSON ({exc.msg}); "
+                    raise UserError(f"{error_where}: not valid JSON ({exc.msg}); "
                                     "fix the file or convert it to JSONL") from None
             where = f"{where_at(pos)} (row {index})"
             pos = end
