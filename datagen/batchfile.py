@@ -321,8 +321,7 @@ class DuplicateFinder:
         order = np.argsort(values, kind="stable")
         ordered = values[order]
         same = np.nonzero(ordered[1:] == ordered[:-1])[0]
-        pairs = sorted((int(order[i]), int(order[i + 1])) for i in same)
-        yield from sorted(pairs, key=lambda pair: pair[1])
+        yield from sorted(((int(order[i]), int(order[i + 1])) for i in same), key=lambda pair: pair[1])
 
 
 # --- reading batch input files -----------------------------------------------------
