@@ -79,6 +79,10 @@ def temp_path_beside(path: Path) -> Path:
     """A fresh, unused temporary file name in the same folder as ``path``."""
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     os.close(fd)
+    # mkstemp makes the file 0600; give it the mode an ordinary new file would have.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(name, 0o666 & ~umask)
     return Path(name)
 
 

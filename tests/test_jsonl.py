@@ -56,3 +56,13 @@ def test_repair_torn_tail_of_a_single_partial_line(tmp_path):
     path.write_bytes(b'{"custom_id": "a"')
     assert repair_torn_tail(path) == len(b'{"custom_id": "a"')
     assert os.path.getsize(path) == 0
+
+
+def test_atomic_outputs_get_the_ordinary_file_mode(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        with atomic_writer(tmp_path / "out.txt") as handle:
+            handle.write("x")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "out.txt").stat().st_mode & 0o777 == 0o644

@@ -1,0 +1,46 @@
+#!/usr/bin/env python3
+"""Submit, watch and download OpenAI batches: the whole Batch API lifecycle.
+
+    python batch_utils.py --run --file batchinput.jsonl --description "gpt-4o-mini, eval v2"
+    python batch_utils.py --check                     # status of the saved batch(es)
+    python batch_utils.py --wait --download results.jsonl
+    python batch_utils.py --run --wait --download results.jsonl --poll_interval 60
+    python batch_utils.py --retry_failed retry.jsonl --file batchinput.jsonl
+    python batch_utils.py                             # list recent batches
+
+The key comes from ./openai.tok (or --key_file FILE), else OPENAI_API_KEY; it is never
+printed. --base_url (or OPENAI_BASE_URL) points at any OpenAI-compatible Batch API.
+--run checks the file locally first (line shape, one url, one model, unique ids, 50,000
+requests / 200 MB), then uploads it and creates the batch; when create_batchinput.py
+split the input into STEM.part-NNN.jsonl files, each part becomes its own batch. The ids
+go to last_batch_id.tok, one per line, and every other action uses them unless --id is
+given. --download writes OUTPUT with the output lines of every batch (in the API's
+order: join on custom_id) and OUTPUT.errors.jsonl with the requests that failed,
+expired or were cancelled; both are complete or absent.
+
+Exit status: 0 done (with --wait: every batch completed); 3 a batch failed (its input
+was refused); 4 a batch expired; 5 a batch was cancelled; 1 any other error, one line on
+stderr; 2 bad usage; 130 Ctrl+C (waiting stops, the batches go on).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from datagen import cli, openai_batch
+
+
+def build_parser():
+    parser = cli.make_parser(__doc__, prog="batch_utils.py")
+    openai_batch.add_batch_args(parser)
+    cli.add_logging_args(parser)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    return cli.run(parser, lambda args: openai_batch.run_command(args, parser), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
