@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""Bring both routes' raw results into one clean, complete, ordered format.
+
+    python reformat_results.py --input_file results.jsonl --output_file reformatted.jsonl
+    python reformat_results.py --input_file 'results-*.jsonl' --batch_input batchinput.jsonl \\
+        --output_file reformatted.jsonl --strict
+    python reformat_results.py --input_file 'generations.shard-*.jsonl' --source_type finetuned \\
+        --prompts_file examples/prompts.jsonl --id_field id --keep_fields topic,prompt \\
+        --output_file finetuned.parquet
+
+Reads OpenAI Batch API results (the output file and its .errors.jsonl, which is picked
+up by itself when it lies beside the output; vLLM run-batch files too) or fine-tuned
+generations (one file, or all shards of a SLURM array). --input_file takes several
+files and globs. Writes one line per request: {"id", "generated_text", "source",
+"model", "finish_reason", token counts, ...}; .csv, .tsv or .parquet output when the
+file name says so.
+
+Failed requests go to OUT.failed.jsonl with their reason (error, length, empty,
+missing) and never to the output. A request read twice (a resubmission) keeps its
+success, else the first one read. With --batch_input or --prompts_file the output
+follows their order, missing requests are listed, and --keep_fields copies their
+fields; without, lines are in natural order of custom_id (request-2 before request-10).
+Prints "N ok, M failed, K missing"; --strict exits 1 when M or K is not 0.
+Both outputs are complete or absent; temporary data goes to $TMPDIR.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from datagen import cli, prompts, results
+from datagen.errors import UserError
+
+log = logging.getLogger("datagen")
+
+
+def build_parser():
+    parser = cli.make_parser(__doc__, prog="reformat_results.py")
+    io = parser.add_argument_group("files")
+    cli.add_flag(io, "input_file", nargs="+", required=True, metavar="FILE",
+                 help="raw results: files or globs (OpenAI output + .errors.jsonl, parts, shards)")
+    cli.add_flag(io, "output_file", default="reformatted.jsonl",
+                 help="reformatted results: .jsonl, .csv, .tsv or .parquet")
+    cli.add_flag(io, "failed_file", default=None,
+                 help="failed and missing requests (default: OUTPUT_STEM.failed.jsonl beside --output_file)")
+    cli.add_flag(io, "source_type", default="auto", choices=results.SOURCE_TYPES,
+                 help="kind of every input line; auto recognises it (one kind per run)")
+    join = parser.add_argument_group("order, missing requests and kept fields")
+    requests = join.add_mutually_exclusive_group()
+    cli.add_flag(requests, "batch_input", default=None, metavar="BATCHINPUT.jsonl",
+                 help="the batch input the results answer (or its .part-NNN files): order and missing ids")
+    cli.add_flag(requests, "prompts_file", default=None, metavar="FILE",
+                 help="the prompts file the requests were made from (same --id_field etc. as then)")
+    cli.add_flag(join, "keep_fields", default=None, metavar="A,B",
+                 help="fields of the prompts file (or of the batch request body) copied into each line; "
+                      f"'{results.PROMPT_FIELD}' is the prompt as sent")
+    group = prompts.add_prompt_args(parser)
+    for action in group._group_actions:  # the shared help speaks of --input_file
+        if action.dest == "input_format":
+            action.help = "kind of --prompts_file; auto picks by extension"
+    checks = parser.add_argument_group("what counts as failed")
+    cli.add_flag(checks, "treat_length_as_failure", action="store_true",
+                 help="answers cut off at the token limit (finish_reason length) go to the failed file")
+    cli.add_flag(checks, "treat_empty_as_failure", action="store_true",
+                 help="empty answers go to the failed file")
+    cli.add_flag(checks, "strict", action="store_true",
+                 help="exit 1 when any request failed or is missing (the files are still written)")
+    cli.add_logging_args(parser)
+    return parser
+
+
+def parse_keep_fields(text: str | None, has_requests: bool) -> list[str]:
+    if not text:
+        return []
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not has_requests:
+        raise UserError("--keep_fields needs --prompts_file or --batch_input to take the fields from")
+    taken = [name for name in names if name in results.COLUMNS]
+    if taken:
+        raise UserError(f"--keep_fields {', '.join(taken)}: the output has its own field of that name; "
+                        "keep other fields")
+    if len(set(names)) != len(names):
+        raise UserError("--keep_fields names a field twice")
+    return names
+
+
+def reformat(args) -> int:
+    output = Path(args.output_file)
+    results.output_format(output)
+    failed = Path(args.failed_file) if args.failed_file else output.with_name(output.stem + ".failed.jsonl")
+    inputs = results.expand_inputs(args.input_file)
+    sources = [*inputs]
+    requests = None
+    if args.batch_input:
+        requests, flag = results.batch_input_requests(args.batch_input), "--batch_input"
+        sources.append(Path(args.batch_input))
+    elif args.prompts_file:
+        options = prompts.options_from_args(args)
+        requests = results.prompts_file_requests(
+            prompts.iter_prompts(args.prompts_file, options, args.input_format, args.split))
+        flag = "--prompts_file"
+        sources.append(Path(args.prompts_file))
+    keep_fields = parse_keep_fields(args.keep_fields, requests is not None)
+    cli.check_output_path(output, sources)
+    cli.check_output_path(failed, sources, flag="--failed_file")
+    if cli.same_file(output, failed):
+        raise UserError(f"--failed_file {failed} is the same file as --output_file; choose another name")
+    options = results.ResultOptions(args.treat_length_as_failure, args.treat_empty_as_failure)
+    summary = results.reformat(inputs, output, failed, source_type=args.source_type, options=options,
+                               requests=requests, requests_flag=flag if requests else "",
+                               keep_fields=keep_fields)
+    report(args, summary, output, failed, requests is not None)
+    if args.strict and (summary.failed or summary.missing):
+        raise UserError(f"{summary.failed} failed and {summary.missing} missing requests (--strict); "
+                        f"they are listed in {failed}")
+    return 0
+
+
+def report(args, summary: results.Summary, output: Path, failed: Path, has_requests: bool) -> None:
+    counts, duplicates = summary.counts, summary.duplicates
+    log.info("read %d result lines from %d file(s)", counts.lines, summary.files)
+    if duplicates.ids:
+        log.warning("%d custom_id(s) were read more than once (e.g. %r): kept the success for %d, "
+                    "the first one read for %d", duplicates.ids, duplicates.example,
+                    duplicates.success_won, duplicates.ids - duplicates.success_won)
+    if counts.refusals:
+        log.info("%d answer(s) are refusals (refusal: true; the refusal message is the text)", counts.refusals)
+    if counts.cut_off and not args.treat_length_as_failure:
+        log.warning("%d answer(s) were cut off at the token limit (finish_reason length) and are kept; "
+                    "--treat_length_as_failure sets them apart", counts.cut_off)
+    if counts.empty and not args.treat_empty_as_failure:
+        log.warning("%d answer(s) are empty and are kept; --treat_empty_as_failure sets them apart", counts.empty)
+    if summary.extra:
+        log.warning("%d result id(s) are not in %s; they are written after its requests "
+                    "(is it the file these results answer?)", summary.extra,
+                    args.batch_input or args.prompts_file)
+    if not has_requests:
+        log.info("missing requests can only be counted against --batch_input or --prompts_file")
+    print(f"{summary.ok} ok, {summary.failed} failed, {summary.missing} missing")
+    print(f"wrote {output} ({summary.ok} lines) and {failed} ({summary.failed + summary.missing} lines)")
+
+
+def main(argv=None) -> int:
+    return cli.run(build_parser(), reformat, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
