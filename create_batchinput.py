@@ -91,7 +91,8 @@ def create(args) -> int:
             body = batchfile.build_body(endpoint, args.model_name, prompt, params)
             ids.add(prompt.custom_id)
             writer.add(batchfile.build_line(prompt.custom_id, endpoint, body), prompt.where)
-            input_tokens += approx_tokens(body)
+            if args.dry_run:
+                input_tokens += approx_tokens(body)
         check_unique_ids(ids, args, options)
         paths = writer.commit()
     report(args, writer, paths, input_tokens, params)

@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 from datagen.cli import add_flag
 from datagen.errors import UserError
-from datagen.jsonl import dumps, iter_jsonl, temp_path_beside
+from datagen.jsonl import dumps_bytes, iter_jsonl, temp_path_beside
 from datagen.prompts import Prompt
 
 log = logging.getLogger("datagen")
@@ -234,13 +234,13 @@ class BatchFileWriter:
         if not self.dry_run:
             tmp = temp_path_beside(self.output)
             self.temps.append(tmp)
-            self._handle = open(tmp, "w", encoding="utf-8", newline="\n")
+            self._handle = open(tmp, "wb")
         self.part_counts.append(0)
         self.part_bytes.append(0)
 
     def add(self, line: dict, where: str = "") -> None:
-        data = dumps(line) + "\n"
-        size = len(data.encode("utf-8"))
+        data = dumps_bytes(line) + b"\n"
+        size = len(data)
         if size > self.max_bytes:
             raise UserError(f"{where}: this request alone is {size:,} bytes, over the {self.max_bytes:,}-byte "
                             "file limit; shorten the prompt")

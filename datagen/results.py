@@ -42,12 +42,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from datagen.errors import UserError
-from datagen.jsonl import atomic_writer
-
-try:  # optional: about 3x faster JSON; the standard library is the fallback
-    import orjson
-except ImportError:  # pragma: no cover - exercised where orjson is not installed
-    orjson = None
+from datagen.jsonl import atomic_writer, dumps, dumps_bytes, loads
 
 log = logging.getLogger("datagen")
 
@@ -63,45 +58,6 @@ COLUMNS = ("id", "generated_text", "samples", "sample_finish_reasons", "embeddin
            "refusal", "tool_calls", "source", "model", "finish_reason", "prompt_tokens",
            "completion_tokens", "reasoning_tokens", "adapter", "adapter_sha256", "generation")
 FAILED_COLUMNS = ("id", "reason", "status_code", "error_code", "message")
-
-
-# --- JSON, fast where orjson is installed -------------------------------------------
-
-
-def _std_dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), default=str)
-
-
-def _std_dumps_bytes(obj: Any) -> bytes:
-    return _std_dumps(obj).encode("utf-8")
-
-
-if orjson is not None:
-    _OPTIONS = orjson.OPT_SERIALIZE_NUMPY
-
-    def dumps(obj: Any) -> str:
-        """Compact JSON text, UTF-8 kept as is (identical to ``datagen.jsonl.dumps``)."""
-        try:
-            return orjson.dumps(obj, option=_OPTIONS).decode()
-        except TypeError:  # integers over 64 bits, unusual types: the stdlib handles them
-            return _std_dumps(obj)
-
-    def dumps_bytes(obj: Any) -> bytes:
-        """``dumps`` as UTF-8 bytes, without a round trip through str."""
-        try:
-            return orjson.dumps(obj, option=_OPTIONS)
-        except TypeError:
-            return _std_dumps_bytes(obj)
-
-    def loads(data: bytes | str) -> Any:
-        try:
-            return orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return json.loads(data)  # the stdlib's message, or what orjson refuses (huge ints, NaN)
-else:  # pragma: no cover
-    dumps = _std_dumps
-    dumps_bytes = _std_dumps_bytes
-    loads = json.loads
 
 
 def _short(text: str, limit: int = 60) -> str:
