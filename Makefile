@@ -36,6 +36,12 @@ demo: $(VENV)/.runtime
 test: $(VENV)/.dev
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Only the SLURM tests: job_script.sh submitted with sbatch to a single-node cluster the
+# tests bring up (needs root; tests/slurm/cluster.sh installs slurm-wlm and munge if missing).
+.PHONY: test-slurm
+test-slurm: $(VENV)/.dev
+	$(PY) -m pytest tests/test_slurm.py $(PYTEST_ARGS)
+
 bench: $(VENV)/.dev
 	$(PY) bench/bench_create_batchinput.py
 

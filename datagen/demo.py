@@ -1,0 +1,141 @@
+"""The main job on an embedded default: both routes end to end, offline, no API key.
+
+    make demo                  # what the README's first command runs
+    python -m datagen.demo     # the same, in an existing environment
+
+1. builds a tiny Llama-style model and a LoRA adapter on the spot (random weights, so
+   the fine-tuned answers are gibberish: the point is the plumbing, not the text);
+2. OpenAI route: create_batchinput.py on examples/prompts.jsonl, then batch_utils.py
+   --run --wait --download against a LOCAL STAND-IN of the Batch API started on
+   127.0.0.1 (it is not OpenAI and answers "echo: <prompt>"), then reformat_results.py;
+3. fine-tuned route: the same batch input through generate_data_finetuned.py, then
+   reformat_results.py;
+4. prints the two reformatted files side by side and what each step did.
+
+Every step runs the real script as a subprocess and prints the command, so each line
+can be copied. Outputs go to demo/ (created; earlier demo outputs are replaced).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shlex
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = "examples/prompts.jsonl"
+
+
+def step(title: str) -> None:
+    print(f"\n=== {title}", flush=True)
+
+
+def sh(*args: str) -> None:
+    """Run one of the suite's scripts from the repo root, echoing the command first."""
+    shown = " ".join(shlex.quote(str(a)) for a in args)
+    print(f"$ python {shown}", flush=True)
+    started = time.time()
+    result = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT,
+                            env={**os.environ, "DATAGEN_PROGRESS_INTERVAL": "5"})
+    if result.returncode != 0:
+        raise SystemExit(f"demo: the step above failed with exit code {result.returncode}")
+    print(f"  ({time.time() - started:.1f} s)", flush=True)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def cut(text, width: int) -> str:
+    text = " ".join(str(text).split()) if text is not None else "(none)"
+    return text if len(text) <= width else text[: width - 1] + "~"
+
+
+def side_by_side(openai_file: Path, finetuned_file: Path) -> None:
+    left = {row["id"]: row for row in read_jsonl(openai_file)}
+    right = {row["id"]: row for row in read_jsonl(finetuned_file)}
+    width = 36
+    print(f"{'id':<16} {'openai route (local stand-in)':<{width}} {'fine-tuned route (tiny LoRA model)':<{width}}")
+    print(f"{'-' * 16} {'-' * width} {'-' * width}")
+    for key in dict.fromkeys([*left, *right]):  # the OpenAI file's order, then any extra
+        a = left.get(key, {}).get("generated_text")
+        b = right.get(key, {}).get("generated_text")
+        print(f"{cut(key, 16):<16} {cut(a, width):<{width}} {cut(b, width):<{width}}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m datagen.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default="demo", help="folder for every output (relative to the repo root)")
+    args = parser.parse_args(argv)
+
+    from datagen.local_batch_server import LocalBatchServer
+    from datagen.tinymodel import build_tiny_adapter, build_tiny_model
+
+    work = Path(args.workdir)
+    if (ROOT / work).exists():
+        shutil.rmtree(ROOT / work)
+    (ROOT / work).mkdir(parents=True)
+    batch_input, results = work / "batchinput.jsonl", work / "results.jsonl"
+    generations = work / "generations.jsonl"
+    openai_out, finetuned_out = work / "reformatted_openai.jsonl", work / "reformatted_finetuned.jsonl"
+
+    step("1. a tiny base model and LoRA adapter, built on the spot (random weights, nothing downloaded)")
+    base = build_tiny_model(ROOT / work / "model" / "base")
+    adapter = build_tiny_adapter(base, ROOT / work / "model" / "adapter")
+    print(f"built {base.relative_to(ROOT)} and {adapter.relative_to(ROOT)}")
+
+    step("2. OpenAI route: prompts -> batch input")
+    sh("create_batchinput.py", "--input_file", PROMPTS, "--id_field", "id", "--model_name", "gpt-4o-mini",
+       "--max_tokens", "24", "--output_file", batch_input)
+
+    key = "sk-local-demo-" + secrets.token_hex(8)
+    key_file = ROOT / work / "openai.tok"
+    key_file.write_text(key + "\n")
+    key_file.chmod(0o600)
+    with LocalBatchServer(port=0, api_key=key, step_seconds=0.3) as server:
+        step(f"3. OpenAI route: submit, wait, download, against a LOCAL STAND-IN Batch API at {server.base_url}\n"
+             "   (not OpenAI: it answers 'echo: <prompt>'; for the real service drop --base_url and put your key in openai.tok)")
+        sh("batch_utils.py", "--run", "--wait", "--download", results, "--file", batch_input,
+           "--base_url", server.base_url, "--key_file", key_file.relative_to(ROOT),
+           "--ids_file", work / "last_batch_id.tok", "--poll_interval", "1", "--description", "datagen demo")
+
+    step("4. OpenAI route: raw results -> {id, generated_text}")
+    sh("reformat_results.py", "--input_file", results, "--output_file", openai_out,
+       "--batch_input", batch_input)
+
+    step("5. fine-tuned route: the same batch input through the base model + LoRA adapter")
+    sh("generate_data_finetuned.py", "--model_name_or_path", base.relative_to(ROOT),
+       "--adapter_path", adapter.relative_to(ROOT), "--input_file", batch_input,
+       "--output_file", generations, "--batch_size", "4")
+
+    step("6. fine-tuned route: generations -> {id, generated_text}")
+    sh("reformat_results.py", "--input_file", generations, "--output_file", finetuned_out,
+       "--batch_input", batch_input)
+
+    step("7. both routes side by side, joined on custom_id")
+    side_by_side(ROOT / openai_out, ROOT / finetuned_out)
+
+    requests = len(read_jsonl(ROOT / batch_input))
+    print(textwrap.dedent(f"""
+        summary
+          create_batchinput.py        {PROMPTS} -> {batch_input}: {requests} requests
+          batch_utils.py              uploaded, waited, downloaded {len(read_jsonl(ROOT / results))} result lines -> {results}
+          reformat_results.py         {results} -> {openai_out}: {len(read_jsonl(ROOT / openai_out))} lines
+          generate_data_finetuned.py  {batch_input} -> {generations}: {len(read_jsonl(ROOT / generations))} lines
+          reformat_results.py         {generations} -> {finetuned_out}: {len(read_jsonl(ROOT / finetuned_out))} lines
+        Everything is in {work}/. Next: the README's sections on each script, and on real OpenAI use.""").rstrip())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

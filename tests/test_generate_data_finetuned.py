@@ -1,0 +1,499 @@
+"""generate_data_finetuned.py and datagen.generation, on tiny models built on the spot.
+
+The models are random (gibberish text) but real: the real loading, tokenizing,
+batching, adapter and generation code runs, and nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+import create_batchinput
+import generate_data_finetuned
+from datagen import generation, tinymodel
+from datagen.errors import UserError
+from tests.util import ROOT, read_jsonl, write_jsonl
+
+RECORD_KEYS = {"custom_id", "generated_text", "finish_reason", "prompt_tokens", "completion_tokens", "source",
+               "model", "adapter", "adapter_sha256", "generation", "created"}
+WORDS = ("the capital of france is paris and what is seven plus five write a haiku about autumn "
+         "leaves river mountain blue sky question answer model data").split()
+
+
+def prompt_text(i: int) -> str:
+    # Lengths from 2 to ~40 words, in no particular order, so batches need padding.
+    n = 2 + (i * 7) % 37
+    return " ".join(WORDS[(i + 3 * k) % len(WORDS)] for k in range(n))
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A Llama-style base with a LoRA adapter, and odd ones for the error cases."""
+    root = tmp_path_factory.mktemp("tiny")
+    base = tinymodel.build_tiny_model(root / "base", seed=0)
+    adapter = tinymodel.build_tiny_adapter(base, root / "adapter", seed=1)
+    gpt2 = tinymodel.build_tiny_model(root / "gpt2", seed=0, arch="gpt2")
+    gpt2_adapter = tinymodel.build_tiny_adapter(gpt2, root / "gpt2-adapter", seed=1)
+    wide = tinymodel.build_tiny_model(root / "wide", seed=0, hidden=32)
+    wide_adapter = tinymodel.build_tiny_adapter(wide, root / "wide-adapter", seed=1)
+    return {"root": root, "base": base, "adapter": adapter, "gpt2_adapter": gpt2_adapter,
+            "wide_adapter": wide_adapter}
+
+
+@pytest.fixture(scope="session")
+def merged(tiny):
+    return generation.load_model(str(tiny["base"]), str(tiny["adapter"]), merge=True)
+
+
+def write_prompts(path="prompts.jsonl", count=12) -> Path:
+    return write_jsonl(path, [{"id": f"p{i}", "prompt": prompt_text(i)} for i in range(count)])
+
+
+def requests_for(count=12, raw=True):
+    return [generation.Request(f"p{i}", i, f"prompts.jsonl:{i + 1}", text=prompt_text(i), raw=raw)
+            for i in range(count)]
+
+
+def texts(path) -> dict:
+    return {r["custom_id"]: r["generated_text"] for r in read_jsonl(path)}
+
+
+def run_main(capsys, *args):
+    code = generate_data_finetuned.main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def error_line(err: str) -> str:
+    """The one error line; nothing like a traceback around it."""
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("generate_data_finetuned.py: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# --- correctness of batching -------------------------------------------------------
+
+
+def test_batched_equals_one_at_a_time_greedy(merged, tmp_path):
+    generator = generation.Generator(merged)
+    overrides = generation.Overrides(max_new_tokens=12)
+    batched = generation.run_generation(generator, requests_for(), tmp_path / "b.jsonl", overrides, 5,
+                                        show_progress=False)
+    single = generation.run_generation(generator, requests_for(), tmp_path / "s.jsonl", overrides, 1,
+                                       show_progress=False)
+    assert batched.pad_tokens > 0  # batches really were padded (left, with the pad fallback)
+    assert merged.tokenizer.pad_token == "<unk>" and merged.tokenizer.padding_side == "left"
+    assert texts(tmp_path / "b.jsonl") == texts(tmp_path / "s.jsonl")
+    assert len(set(texts(tmp_path / "b.jsonl").values())) > 1  # not one fixed output for all
+    assert single.pad_tokens == 0
+
+
+def test_sorted_batches_restore_input_order_and_record_shape(merged, tmp_path):
+    out = tmp_path / "o.jsonl"
+    generation.run_generation(generation.Generator(merged), requests_for(), out,
+                              generation.Overrides(max_new_tokens=6), 4, show_progress=False)
+    records = read_jsonl(out)
+    assert [r["custom_id"] for r in records] == [f"p{i}" for i in range(12)]
+    for r in records:
+        assert set(r) == RECORD_KEYS
+        assert r["source"] == "finetuned" and r["finish_reason"] in ("stop", "length")
+        assert r["generation"] == {"max_new_tokens": 6, "do_sample": False, "temperature": None, "top_p": None,
+                                   "seed": 0, "num_return_sequences": 1, "stop": [], "dtype": "float32",
+                                   "merged": True}
+        assert 1 <= r["completion_tokens"] <= 6
+    # Plain text (raw) prompts get exactly one BOS from the tokenizer.
+    assert records[0]["prompt_tokens"] == len(merged.tokenizer(prompt_text(0))["input_ids"])
+
+
+def test_adapter_changes_output_and_merged_equals_unmerged(tiny, merged, tmp_path):
+    base = generation.load_model(str(tiny["base"]))
+    unmerged = generation.load_model(str(tiny["base"]), str(tiny["adapter"]), merge=False)
+    overrides = generation.Overrides(max_new_tokens=10)
+    outs = {}
+    for name, loaded in (("base", base), ("merged", merged), ("unmerged", unmerged)):
+        outs[name] = tmp_path / f"{name}.jsonl"
+        generation.run_generation(generation.Generator(loaded), requests_for(), outs[name], overrides, 4,
+                                  show_progress=False)
+    assert texts(outs["merged"]) == texts(outs["unmerged"])
+    differ = [k for k, v in texts(outs["base"]).items() if v != texts(outs["merged"])[k]]
+    assert len(differ) >= 10  # the adapter changes (nearly) every answer
+    unmerged_record = read_jsonl(outs["unmerged"])[0]
+    assert unmerged_record["generation"]["merged"] is False
+    assert unmerged_record["adapter_sha256"] == generation.sha256_file(tiny["adapter"] / "adapter_model.safetensors")
+    assert read_jsonl(outs["base"])[0]["adapter"] is None and read_jsonl(outs["base"])[0]["adapter_sha256"] is None
+
+
+def test_chat_template_has_one_bos(merged):
+    generator = generation.Generator(merged)
+    tok = merged.tokenizer
+    conversation = generation.Request("c", 0, "x", messages=[{"role": "system", "content": "Be brief."},
+                                                             {"role": "user", "content": "What is the capital?"}])
+    ids = generator.encode(conversation)
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+    assert tok.decode(ids).endswith("<|assistant|>\n")
+    # auto: a plain prompt from a prompts file goes through the template too; a completions line does not.
+    assert generator.encode(generation.Request("t", 0, "x", text="hello")) == \
+        generator.encode(generation.Request("m", 0, "x", messages=[{"role": "user", "content": "hello"}]))
+    raw = generator.encode(generation.Request("r", 0, "x", text="hello", raw=True))
+    assert raw == tok("hello")["input_ids"] and raw.count(tok.bos_token_id) == 1
+
+
+def test_stop_string_is_cut(merged, tmp_path):
+    generator = generation.Generator(merged)
+    plain = tmp_path / "plain.jsonl"
+    generation.run_generation(generator, requests_for(4), plain, generation.Overrides(max_new_tokens=16), 4,
+                              show_progress=False)
+    record = read_jsonl(plain)[0]
+    text = record["generated_text"]
+    stop = next(text[i:i + 2] for i in range(3, len(text) - 2) if text.find(text[i:i + 2]) == i)
+    cut = tmp_path / "cut.jsonl"
+    generation.run_generation(generator, requests_for(4), cut, generation.Overrides(max_new_tokens=16, stop=[stop]),
+                              4, show_progress=False)
+    got = read_jsonl(cut)[0]
+    assert got["generated_text"] == text[:text.find(stop)]
+    assert got["finish_reason"] == "stop" and got["completion_tokens"] < record["completion_tokens"]
+    assert got["generation"]["stop"] == [stop]
+
+
+def test_n_samples_reproducible_with_seed(merged, tmp_path):
+    generator = generation.Generator(merged)
+    overrides = generation.Overrides(max_new_tokens=8, do_sample=True, temperature=1.5, num_return_sequences=3, seed=7)
+    for name in ("a.jsonl", "b.jsonl"):
+        generation.run_generation(generator, requests_for(3), tmp_path / name, overrides, 3, show_progress=False)
+    a, b = read_jsonl(tmp_path / "a.jsonl"), read_jsonl(tmp_path / "b.jsonl")
+    assert [r["samples"] for r in a] == [r["samples"] for r in b]
+    for record in a:
+        assert len(record["samples"]) == 3 and record["generated_text"] == record["samples"][0]["text"]
+        assert record["completion_tokens"] == record["samples"][0]["completion_tokens"]
+        assert record["generation"]["temperature"] == 1.5 and record["generation"]["top_p"] == 1.0
+    assert len({s["text"] for r in a for s in r["samples"]}) > 3  # sampling varies
+
+
+def test_out_of_memory_halves_the_batch(merged, tmp_path, monkeypatch):
+    import torch
+
+    model = merged.model
+    real_generate = model.generate
+    sizes = []
+
+    def generate_with_little_memory(*args, **kwargs):  # a GPU that fits at most 2 prompts
+        sizes.append(kwargs["input_ids"].shape[0])
+        if kwargs["input_ids"].shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", generate_with_little_memory)
+    generator = generation.Generator(merged)
+    stats = generation.run_generation(generator, requests_for(), tmp_path / "oom.jsonl",
+                                      generation.Overrides(max_new_tokens=6), 8, show_progress=False)
+    monkeypatch.undo()
+    generation.run_generation(generator, requests_for(), tmp_path / "ok.jsonl",
+                              generation.Overrides(max_new_tokens=6), 8, show_progress=False)
+    assert stats.batch_size == 2 and sizes[:3] == [8, 4, 2]
+    assert texts(tmp_path / "oom.jsonl") == texts(tmp_path / "ok.jsonl")
+
+
+# --- the command line ----------------------------------------------------------------
+
+
+def test_cli_prompts_file_then_rerun_skips_done(tiny, capsys):
+    write_prompts()
+    args = ["--model_name_or_path", tiny["base"], "--adapter_path", tiny["adapter"], "--input_file", "prompts.jsonl",
+            "--id_field", "id", "--output_file", "gen.jsonl", "--max_new_tokens", "5", "--batch_size", "4"]
+    code, out, err = run_main(capsys, *args)
+    assert code == 0, err
+    assert "12 generated, 0 already there" in out
+    first = read_jsonl("gen.jsonl")
+    assert [r["custom_id"] for r in first] == [f"p{i}" for i in range(12)]
+    assert first[0]["model"] == str(tiny["base"]) and first[0]["adapter"] == str(tiny["adapter"])
+    code, out, err = run_main(capsys, *args)
+    assert code == 0 and "0 generated, 12 already there" in out
+    assert "12 of 12 requests already in gen.jsonl" in err
+    assert read_jsonl("gen.jsonl") == first
+
+
+def test_openai_batch_input_as_input(tiny, capsys):
+    write_prompts(count=7)
+    assert create_batchinput.main(["--input_file", "prompts.jsonl", "--id_field", "id", "--model_name", "gpt-4o-mini",
+                                   "--output_file", "batchinput.jsonl", "--max_tokens", "4",
+                                   "--max_requests_per_file", "3"]) == 0
+    assert not Path("batchinput.jsonl").exists() and Path("batchinput.part-003.jsonl").exists()
+    code, _, err = run_main(capsys, "--model_name_or_path", tiny["base"], "--adapter_path", tiny["adapter"],
+                            "--input_file", "batchinput.jsonl", "--output_file", "gen.jsonl")
+    assert code == 0, err
+    records = read_jsonl("gen.jsonl")
+    assert [r["custom_id"] for r in records] == [f"p{i}" for i in range(7)]
+    assert all(r["generation"]["max_new_tokens"] == 4 and r["completion_tokens"] <= 4 for r in records)
+    # A flag overrides the body; chat lines go through the chat template (one BOS).
+    code, _, err = run_main(capsys, "--model_name_or_path", tiny["base"], "--input_file", "batchinput.part-001.jsonl",
+                            "--output_file", "gen2.jsonl", "--max_new_tokens", "2")
+    assert code == 0, err
+    second = read_jsonl("gen2.jsonl")
+    assert len(second) == 3 and all(r["generation"]["max_new_tokens"] == 2 for r in second)
+    loaded_tok = generation.load_model(str(tiny["base"])).tokenizer
+    rendered = loaded_tok.apply_chat_template([{"role": "user", "content": prompt_text(0)}], tokenize=False,
+                                              add_generation_prompt=True)
+    assert second[0]["prompt_tokens"] == len(loaded_tok(rendered, add_special_tokens=False)["input_ids"])
+
+
+def test_completions_batch_lines_are_raw_text(tiny, capsys):
+    write_prompts(count=3)
+    assert create_batchinput.main(["--input_file", "prompts.jsonl", "--model_name", "m", "--endpoint", "/v1/completions",
+                                   "--output_file", "batchinput.jsonl", "--max_tokens", "3"]) == 0
+    code, _, err = run_main(capsys, "--model_name_or_path", tiny["base"], "--input_file", "batchinput.jsonl",
+                            "--output_file", "gen.jsonl")
+    assert code == 0, err
+    tok = generation.load_model(str(tiny["base"])).tokenizer
+    assert [r["prompt_tokens"] for r in read_jsonl("gen.jsonl")] == \
+        [len(tok(prompt_text(i))["input_ids"]) for i in range(3)]
+
+
+def test_shards_partition_the_input(tiny, capsys, monkeypatch):
+    write_prompts(count=10)
+    common = ["--model_name_or_path", tiny["base"], "--input_file", "prompts.jsonl", "--id_field", "id",
+              "--output_file", "gen.jsonl", "--max_new_tokens", "3"]
+    for k in range(3):
+        code, _, err = run_main(capsys, *common, "--shard_index", k, "--num_shards", 3)
+        assert code == 0, err
+        assert f"gen.shard-00{k}-of-003.jsonl" in err
+    ids = {k: [r["custom_id"] for r in read_jsonl(f"gen.shard-00{k}-of-003.jsonl")] for k in range(3)}
+    assert ids == {k: [f"p{i}" for i in range(k, 10, 3)] for k in range(3)}
+    assert not Path("gen.jsonl").exists()
+    # In a SLURM array (ids 1-3 here) the task's position picks the shard.
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")
+    code, out, err = run_main(capsys, *common)
+    assert code == 0 and "gen.shard-001-of-003.jsonl: 0 generated, 3 already there" in out
+
+
+def test_shard_helpers():
+    assert generation.shard_path("out/gen.jsonl", 2, 10) == Path("out/gen.shard-002-of-010.jsonl")
+    assert generation.shard_path("gen.jsonl", 0, 1) == Path("gen.jsonl")
+    assert generation.shard_from_env({}) == (None, None)
+    assert generation.shard_from_env({"SLURM_ARRAY_TASK_ID": "6", "SLURM_ARRAY_TASK_COUNT": "4",
+                                      "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_STEP": "2"}) == (3, 4)
+    with pytest.raises(UserError, match="out of range"):
+        generation.check_shard(3, 3)
+
+
+def test_resume_after_sigkill(tiny):
+    """Kill the real script mid-run, rerun the same command: every id exactly once."""
+    count = 40
+    write_prompts(count=count)
+    cmd = [sys.executable, str(ROOT / "generate_data_finetuned.py"), "--model_name_or_path", str(tiny["base"]),
+           "--adapter_path", str(tiny["adapter"]), "--input_file", "prompts.jsonl", "--id_field", "id",
+           "--output_file", "gen.jsonl", "--batch_size", "2", "--max_new_tokens", "48", "--no_merge_lora"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    out = Path("gen.jsonl")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if out.exists() and out.stat().st_size > 0:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"finished before it could be killed: {proc.stderr.read()}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = read_jsonl(out)
+    assert 0 < len(before) < count
+    with open(out, "a", encoding="utf-8") as handle:  # as if killed in the middle of a write
+        handle.write('{"custom_id": "p3", "generated_te')
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{len(before)} of {count} requests already in gen.jsonl" in rerun.stderr
+    assert "removed a partial last line" in rerun.stderr
+    after = read_jsonl(out)
+    assert sorted(r["custom_id"] for r in after) == sorted(f"p{i}" for i in range(count))
+    assert [r["custom_id"] for r in after] == [f"p{i}" for i in range(count)]  # input order once complete
+    kept = {r["custom_id"]: r for r in after}
+    assert all(kept[r["custom_id"]] == r for r in before)  # finished work is kept as it was
+
+
+def test_second_run_on_same_output_is_refused(tiny, capsys):
+    write_prompts(count=2)
+    with generation.exclusive(Path("gen.jsonl")):
+        code, _, err = run_main(capsys, "--model_name_or_path", tiny["base"], "--input_file", "prompts.jsonl",
+                                "--output_file", "gen.jsonl", "--max_new_tokens", "2")
+    assert code == 1 and "being written by another run" in error_line(err)
+
+
+# --- bad input: one line, exit 1 ------------------------------------------------------
+
+
+def _adapter_with_keys_dropped(tiny, root: Path) -> Path:
+    import shutil
+
+    bad = root / "dropped-adapter"
+    if not bad.exists():
+        shutil.copytree(tiny["adapter"], bad)
+        weights = load_file(bad / "adapter_model.safetensors")
+        save_file({k: v for k, v in weights.items() if "layers.1." not in k}, bad / "adapter_model.safetensors")
+    return bad
+
+
+def _adapter_with_extra_key(tiny, root: Path) -> Path:
+    import shutil
+
+    bad = root / "extra-adapter"
+    if not bad.exists():
+        shutil.copytree(tiny["adapter"], bad)
+        weights = load_file(bad / "adapter_model.safetensors")
+        weights["base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight"] = next(iter(weights.values())).clone()
+        save_file(weights, bad / "adapter_model.safetensors")
+    return bad
+
+
+def _adapter_without_recorded_base(source: Path, root: Path, name: str) -> Path:
+    import shutil
+
+    bad = root / name
+    if not bad.exists():
+        shutil.copytree(source, bad)
+        config = json.loads((bad / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = None
+        (bad / "adapter_config.json").write_text(json.dumps(config))
+    return bad
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing_model", "--model_name_or_path ./no-such-model: no such folder"),
+    ("missing_adapter", "no such folder; give the folder with adapter_config.json"),
+    ("adapter_other_arch", "(a gpt2 model) but --model_name_or_path"),
+    ("adapter_other_arch_unrecorded", "does not fit"),
+    ("adapter_other_size", "does not fit"),
+    ("adapter_keys_missing", "weights do not match"),
+    ("adapter_keys_unexpected", "keys the base model has no place for"),
+    ("malformed_line", "prompts.jsonl:2: not valid JSON"),
+    ("empty_input", "prompts.jsonl: the file is empty"),
+    ("duplicate_ids", "duplicate custom_id 'same'"),
+    ("bad_batch_line", "batchinput.jsonl:1: missing url"),
+    ("temperature_zero_sampling", "sampling with temperature 0 is not possible"),
+])
+def test_bad_input_is_one_line(tiny, capsys, case, expected):
+    write_prompts(count=3)
+    model, adapter, input_file = str(tiny["base"]), None, "prompts.jsonl"
+    extra = []
+    if case == "missing_model":
+        model = "./no-such-model"
+    elif case == "missing_adapter":
+        adapter = "no-such-adapter"
+    elif case == "adapter_other_arch":
+        adapter = tiny["gpt2_adapter"]
+    elif case == "adapter_other_arch_unrecorded":
+        adapter = _adapter_without_recorded_base(tiny["gpt2_adapter"], tiny["root"], "gpt2-unrecorded")
+    elif case == "adapter_other_size":
+        adapter = _adapter_without_recorded_base(tiny["wide_adapter"], tiny["root"], "wide-unrecorded")
+    elif case == "adapter_keys_missing":
+        adapter = _adapter_with_keys_dropped(tiny, tiny["root"])
+    elif case == "adapter_keys_unexpected":
+        adapter = _adapter_with_extra_key(tiny, tiny["root"])
+    elif case == "malformed_line":
+        Path("prompts.jsonl").write_text('{"prompt": "fine"}\n{"prompt": "broken\n')
+    elif case == "empty_input":
+        Path("prompts.jsonl").write_text("")
+    elif case == "duplicate_ids":
+        write_jsonl("prompts.jsonl", [{"id": "same", "prompt": "a"}, {"id": "same", "prompt": "b"}])
+        extra = ["--id_field", "id"]
+    elif case == "bad_batch_line":
+        input_file = "batchinput.jsonl"
+        write_jsonl(input_file, [{"custom_id": "a", "method": "POST", "body": {"model": "m"}}])
+    elif case == "temperature_zero_sampling":
+        extra = ["--do_sample", "--temperature", "0"]
+    args = ["--model_name_or_path", model, "--input_file", input_file, "--output_file", "gen.jsonl",
+            "--max_new_tokens", "2", *extra]
+    if adapter is not None:
+        args += ["--adapter_path", adapter]
+    code, out, err = run_main(capsys, *args)
+    assert code == 1
+    assert expected in error_line(err)
+    assert not Path("gen.jsonl").exists() or read_jsonl("gen.jsonl") == []
+
+
+def test_adapter_recorded_for_another_base_is_reported(tiny, capsys, tmp_path):
+    import shutil
+
+    moved = tmp_path / "copied-base"
+    shutil.copytree(tiny["base"], moved)
+    write_prompts(count=2)
+    code, _, err = run_main(capsys, "--model_name_or_path", moved, "--adapter_path", tiny["adapter"],
+                            "--input_file", "prompts.jsonl", "--output_file", "gen.jsonl", "--max_new_tokens", "2")
+    assert code == 0, err
+    assert f"the adapter records base model {tiny['base']} but --model_name_or_path is {moved}" in err
+
+
+def test_bad_usage_exits_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        generate_data_finetuned.main(["--input_file", "x.jsonl"])
+    assert exc.value.code == 2
+
+
+def test_streamed_input_in_windows(merged, tmp_path, monkeypatch):
+    """A stream read a few requests at a time gives the same records, in input order."""
+    monkeypatch.setattr(generation, "SORT_WINDOW", 5)
+    ids = [f"p{i}" for i in range(12)]
+    stats = generation.run_generation(generation.Generator(merged), iter(requests_for()), tmp_path / "w.jsonl",
+                                      generation.Overrides(max_new_tokens=6), 4, ids=ids, show_progress=False)
+    generation.run_generation(generation.Generator(merged), requests_for(), tmp_path / "all.jsonl",
+                              generation.Overrides(max_new_tokens=6), 4, show_progress=False)
+    assert stats.done == 12 and [r["custom_id"] for r in read_jsonl(tmp_path / "w.jsonl")] == ids
+    assert texts(tmp_path / "w.jsonl") == texts(tmp_path / "all.jsonl")
+
+
+def test_messages_and_system_prompt_use_the_chat_template(tiny, capsys):
+    conversation = [{"role": "user", "content": "What is the capital of France?"}]
+    write_jsonl("chats.jsonl", [{"id": "c0", "messages": conversation}])
+    code, _, err = run_main(capsys, "--model_name_or_path", tiny["base"], "--input_file", "chats.jsonl",
+                            "--id_field", "id", "--system_prompt", "Be brief.", "--output_file", "gen.jsonl",
+                            "--max_new_tokens", "2")
+    assert code == 0, err
+    tok = generation.load_model(str(tiny["base"])).tokenizer
+    rendered = tok.apply_chat_template([{"role": "system", "content": "Be brief."}, *conversation],
+                                       tokenize=False, add_generation_prompt=True)
+    assert read_jsonl("gen.jsonl")[0]["prompt_tokens"] == len(tok(rendered, add_special_tokens=False)["input_ids"])
+    code, _, err = run_main(capsys, "--model_name_or_path", tiny["base"], "--input_file", "chats.jsonl",
+                            "--output_file", "gen2.jsonl", "--use_chat_template", "never")
+    assert code == 1 and "a conversation needs the chat template" in error_line(err)
+
+
+def test_output_that_is_not_a_generations_file_is_refused(tiny, capsys):
+    write_prompts(count=2)
+    write_jsonl("other.jsonl", [{"id": "x", "prompt": "not a record"}])
+    code, _, err = run_main(capsys, "--model_name_or_path", tiny["base"], "--input_file", "prompts.jsonl",
+                            "--output_file", "other.jsonl", "--max_new_tokens", "2")
+    assert code == 1 and "other.jsonl:1: not a generations record" in error_line(err)
+    assert read_jsonl("other.jsonl") == [{"id": "x", "prompt": "not a record"}]
+
+
+def test_progress_in_a_log_file_shows_tokens_per_second(tiny, capsys, monkeypatch):
+    monkeypatch.setenv("DATAGEN_PROGRESS_INTERVAL", "0")
+    write_prompts(count=4)
+    code, _, err = run_main(capsys, "--model_name_or_path", tiny["base"], "--input_file", "prompts.jsonl",
+                            "--output_file", "gen.jsonl", "--max_new_tokens", "3", "--batch_size", "2")
+    assert code == 0, err
+    bar_lines = [line for line in err.splitlines() if line.startswith("generating:")]
+    assert bar_lines and "\r" not in err and "tok/s" in bar_lines[-1] and "4/4" in bar_lines[-1]
+
+
+def test_refused_run_leaves_the_lock_of_the_running_one():
+    out = Path("gen.jsonl")
+    with generation.exclusive(out):
+        with pytest.raises(UserError, match="being written by another run"):
+            with generation.exclusive(out):
+                pass
+        with pytest.raises(UserError, match="being written by another run"):  # still locked
+            with generation.exclusive(out):
+                pass
+    with generation.exclusive(out):  # free again once released
+        pass
+    assert not Path(".gen.jsonl.lock").exists()
