@@ -133,10 +133,12 @@ class _LineStream:
 
     def __init__(self, stream):
         self.stream = stream
+        self.last = ""
 
     def write(self, text: str) -> None:
         text = text.replace("\r", "").replace("\x1b[A", "").strip()
-        if text:
+        if text and text != self.last:  # tqdm redraws the final state on close
+            self.last = text
             self.stream.write(text + "\n")
             self.stream.flush()
 

@@ -66,3 +66,4 @@ def test_atomic_outputs_get_the_ordinary_file_mode(tmp_path):
     finally:
         os.umask(umask)
     assert (tmp_path / "out.txt").stat().st_mode & 0o777 == 0o644
+
