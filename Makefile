@@ -1,5 +1,6 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   create the virtual environment and run the main job on the bundled example
+#   make demo   create the virtual environment and run both routes end to end on the bundled
+#               example, offline (tiny model built on the spot, local Batch API stand-in)
 #   make test   create the virtual environment with the test tools and run every test
 PYTHON ?= python3
 VENV ?= .venv
@@ -29,9 +30,7 @@ venv: $(VENV)/.runtime
 dev: $(VENV)/.dev
 
 demo: $(VENV)/.runtime
-	mkdir -p demo
-	$(PY) create_batchinput.py --input_file examples/prompts.jsonl --id_field id \
-		--model_name gpt-4o-mini --output_file demo/batchinput.jsonl
+	$(PY) -m datagen.demo
 
 test: $(VENV)/.dev
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -42,8 +41,11 @@ test: $(VENV)/.dev
 test-slurm: $(VENV)/.dev
 	$(PY) -m pytest tests/test_slurm.py $(PYTEST_ARGS)
 
+# The benchmarks (minutes each at full size; see README "Benchmarks").
 bench: $(VENV)/.dev
 	$(PY) bench/bench_create_batchinput.py
+	$(PY) bench/bench_reformat.py
+	$(PY) bench/bench_generate.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache demo

@@ -31,7 +31,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 def make_parser(doc: str | None, prog: str | None = None) -> argparse.ArgumentParser:
     """A parser whose description is the script's docstring (examples included)."""
-    return argparse.ArgumentParser(prog=prog, description=doc, formatter_class=HelpFormatter)
+    # allow_abbrev=False: a typo like --output_fil must fail, not silently match a flag.
+    return argparse.ArgumentParser(prog=prog, description=doc, formatter_class=HelpFormatter, allow_abbrev=False)
 
 
 def add_flag(group, name: str, *more: str, **kwargs) -> argparse.Action:

@@ -50,13 +50,22 @@ def sh(*args: str) -> None:
     print(f"  ({time.time() - started:.1f} s)", flush=True)
 
 
+def rel(path: Path) -> Path:
+    """A path as a user would type it from the repo root."""
+    path = Path(path)
+    return path.relative_to(ROOT) if path.is_absolute() and path.is_relative_to(ROOT) else path
+
+
 def read_jsonl(path: Path) -> list[dict]:
     with open(path, encoding="utf-8") as handle:
         return [json.loads(line) for line in handle if line.strip()]
 
 
 def cut(text, width: int) -> str:
-    text = " ".join(str(text).split()) if text is not None else "(none)"
+    """One printable line of at most ``width`` characters (random models emit odd bytes)."""
+    if text is None:
+        return "(none)"
+    text = "".join(c if c.isprintable() and c != "\ufffd" else "." for c in " ".join(str(text).split()))
     return text if len(text) <= width else text[: width - 1] + "~"
 
 
@@ -75,13 +84,13 @@ def side_by_side(openai_file: Path, finetuned_file: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m datagen.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", default="demo", help="folder for every output (relative to the repo root)")
+    parser.add_argument("--workdir", default="demo", help="folder for every output (relative paths: to the repo root)")
     args = parser.parse_args(argv)
 
     from datagen.local_batch_server import LocalBatchServer
     from datagen.tinymodel import build_tiny_adapter, build_tiny_model
 
-    work = Path(args.workdir)
+    work = rel(ROOT / args.workdir)
     if (ROOT / work).exists():
         shutil.rmtree(ROOT / work)
     (ROOT / work).mkdir(parents=True)
@@ -92,7 +101,7 @@ def main(argv=None) -> int:
     step("1. a tiny base model and LoRA adapter, built on the spot (random weights, nothing downloaded)")
     base = build_tiny_model(ROOT / work / "model" / "base")
     adapter = build_tiny_adapter(base, ROOT / work / "model" / "adapter")
-    print(f"built {base.relative_to(ROOT)} and {adapter.relative_to(ROOT)}")
+    print(f"built {rel(base)} and {rel(adapter)}")
 
     step("2. OpenAI route: prompts -> batch input")
     sh("create_batchinput.py", "--input_file", PROMPTS, "--id_field", "id", "--model_name", "gpt-4o-mini",
@@ -106,7 +115,7 @@ def main(argv=None) -> int:
         step(f"3. OpenAI route: submit, wait, download, against a LOCAL STAND-IN Batch API at {server.base_url}\n"
              "   (not OpenAI: it answers 'echo: <prompt>'; for the real service drop --base_url and put your key in openai.tok)")
         sh("batch_utils.py", "--run", "--wait", "--download", results, "--file", batch_input,
-           "--base_url", server.base_url, "--key_file", key_file.relative_to(ROOT),
+           "--base_url", server.base_url, "--key_file", rel(key_file),
            "--ids_file", work / "last_batch_id.tok", "--poll_interval", "1", "--description", "datagen demo")
 
     step("4. OpenAI route: raw results -> {id, generated_text}")
@@ -114,8 +123,8 @@ def main(argv=None) -> int:
        "--batch_input", batch_input)
 
     step("5. fine-tuned route: the same batch input through the base model + LoRA adapter")
-    sh("generate_data_finetuned.py", "--model_name_or_path", base.relative_to(ROOT),
-       "--adapter_path", adapter.relative_to(ROOT), "--input_file", batch_input,
+    sh("generate_data_finetuned.py", "--model_name_or_path", rel(base),
+       "--adapter_path", rel(adapter), "--input_file", batch_input,
        "--output_file", generations, "--batch_size", "4")
 
     step("6. fine-tuned route: generations -> {id, generated_text}")
