@@ -70,7 +70,7 @@ def _short(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def iter_jsonl(path: str | os.PathLike, *, skip_blank: bool = True) -> Iterator[tuple[int, Any]]:
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     """Yield ``(line_number, obj)`` for each line of a JSONL file, streaming.
 
     Blank lines are skipped. A malformed line raises ``UserError("FILE:LINE: ...")``.
@@ -86,18 +86,18 @@ def iter_jsonl(path: str | os.PathLike, *, skip_blank: bool = True) -> Iterator[
         raise UserError(f"{path}: permission denied; check the file's permissions") from None
     with handle:
         for line_number, line in enumerate(handle, start=1):
-            if skip_blank and not line.strip():
-                continue
             try:
                 yield line_number, loads(line)
-            except json.JSONDecodeError as exc:
+            except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+                if not line.strip():
+                    continue  # checked only here: blank lines are rare, parsing is the hot path
+                if isinstance(exc, UnicodeDecodeError):
+                    raise UserError(f"{path}:{line_number}: not UTF-8 text ({exc.reason}); "
+                                    "save the file as UTF-8") from None
+                detail = f"{exc.msg} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else str(exc)
                 raise UserError(
-                    f"{path}:{line_number}: not valid JSON ({exc.msg} at column {exc.colno}): "
+                    f"{path}:{line_number}: not valid JSON ({detail}): "
                     f"{_short(line.decode('utf-8', 'replace'))!r}; each line must be one JSON object"
-                ) from None
-            except UnicodeDecodeError as exc:
-                raise UserError(
-                    f"{path}:{line_number}: not UTF-8 text ({exc.reason}); save the file as UTF-8"
                 ) from None
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import glob
-import json
 import logging
 import os
 import re
@@ -42,7 +41,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from datagen.errors import UserError
-from datagen.jsonl import atomic_writer, dumps, dumps_bytes, loads
+from datagen.jsonl import atomic_writer, dumps, dumps_bytes, iter_jsonl_objects, loads
 
 log = logging.getLogger("datagen")
 
@@ -58,38 +57,6 @@ COLUMNS = ("id", "generated_text", "samples", "sample_finish_reasons", "embeddin
            "refusal", "tool_calls", "source", "model", "finish_reason", "prompt_tokens",
            "completion_tokens", "reasoning_tokens", "adapter", "adapter_sha256", "generation")
 FAILED_COLUMNS = ("id", "reason", "status_code", "error_code", "message")
-
-
-def _short(text: str, limit: int = 60) -> str:
-    text = text.strip()
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def iter_json_lines(path: Path) -> Iterator[tuple[int, dict]]:
-    """``(line_number, object)`` for each non-blank line; file:line errors as ``UserError``."""
-    try:
-        handle = open(path, "rb")
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file; check --input_file") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a directory, expected a .jsonl results file") from None
-    except PermissionError:
-        raise UserError(f"{path}: permission denied; check the file's permissions") from None
-    with handle:
-        for line_number, line in enumerate(handle, start=1):
-            try:
-                obj = loads(line)
-            except (ValueError, UnicodeDecodeError) as exc:
-                if not line.strip():
-                    continue
-                text = line.decode("utf-8", errors="replace")
-                detail = f"{exc.msg} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else str(exc)
-                raise UserError(f"{path}:{line_number}: not valid JSON ({detail}): {_short(text)!r}; "
-                                "each line must be one JSON object (is the download complete?)") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{path}:{line_number}: expected a JSON object, got {type(obj).__name__}; "
-                                "each line must be one JSON result object")
-            yield line_number, obj
 
 
 # --- response bodies into answers (pure) -------------------------------------------
@@ -259,7 +226,7 @@ def body_answer(body: Any, where: str) -> Answer:
 # --- raw lines into results ----------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class ResultOptions:
     treat_length_as_failure: bool = False  # finish_reason "length": to the failed file
     treat_empty_as_failure: bool = False  # empty text: to the failed file
@@ -802,7 +769,7 @@ def batch_input_requests(path: str | os.PathLike) -> Iterator[tuple[str, str, di
     from datagen.batchfile import resolve_batch_files
 
     for part in resolve_batch_files(path):
-        for line_number, obj in iter_json_lines(part):
+        for line_number, obj in iter_jsonl_objects(part):
             custom_id, body = obj.get("custom_id"), obj.get("body")
             if not isinstance(custom_id, str) or not custom_id or not isinstance(body, dict):
                 raise UserError(f"{part}:{line_number}: not a batch request line; a batch line is "
@@ -892,7 +859,7 @@ def _parse_files(paths: list[Path], kinds: KindCheck, options: ResultOptions,
 
     shapes: set = set()
     for path in paths:
-        for line_number, obj in progress(iter_json_lines(path), desc=f"reading {path.name}", unit="line"):
+        for line_number, obj in progress(iter_jsonl_objects(path), desc=f"reading {path.name}", unit="line"):
             counts.lines += 1
             if kinds.kind == OPENAI and "response" in obj:
                 record = fast_chat_record(obj)

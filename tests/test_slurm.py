@@ -429,3 +429,4 @@ def test_time_limit_signal_requeues_the_job_and_the_rerun_resumes(slurm_cluster,
         written = Counter(json.loads(line)["custom_id"] for line in handle if line.endswith("\n"))
     assert len(written) > requeued_with[0]
     assert [i for i, c in written.items() if c > 1] == [], "the rerun wrote some requests again"
+    assert set(written) <= set(ids)
