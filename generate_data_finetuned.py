@@ -14,8 +14,10 @@ with each body's max tokens, temperature, top_p, seed, n and stop unless a flag 
 overrides them. Conversations go through the tokenizer's chat template.
 
 Greedy by default; sampling with --do_sample, or when a temperature above 0 is given.
-Prompts are sorted by length into batches with left padding; the adapter is merged
-into the weights unless --no_merge_lora; on CUDA out-of-memory the batch is halved.
+Prompts are sorted by length into batches with left padding: --batch_size prompts of
+the longest kind, and as many shorter ones as fit the same token budget
+(--max_batch_tokens); greedy rows leave their batch as soon as they end. The adapter is
+merged into the weights unless --no_merge_lora; on CUDA out-of-memory the batch is halved.
 
 Output: one JSON line per request, appended as each batch finishes: custom_id,
 generated_text, finish_reason, prompt_tokens, completion_tokens, samples (n > 1),
@@ -38,6 +40,19 @@ log = logging.getLogger("datagen")
 # Appended to a help text that states its own default: formats to nothing, and stops
 # the help formatter from adding "(default: None)".
 OWN_DEFAULT = "%(default).0s"
+
+
+def batch_tokens(text: str) -> int | None:
+    """--max_batch_tokens: "auto" (None), 0 (off) or a positive number of tokens."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not auto or a number of tokens") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; use auto, 0 (off) or a positive number")
+    return value
 
 
 def build_parser():
@@ -69,11 +84,21 @@ def build_parser():
     cli.add_flag(gen, "stop", action="append", default=None, metavar="TEXT",
                  help="stop string, cut from the output; repeat for several (default: the batch line's)" + OWN_DEFAULT)
     run = parser.add_argument_group("speed and placement")
-    cli.add_flag(run, "batch_size", type=int, default=32, help="prompts per batch (halved on CUDA out-of-memory)")
+    cli.add_flag(run, "batch_size", type=int, default=32,
+                 help="prompts per batch for the longest prompts; shorter ones fill the same token budget, "
+                      "see --max_batch_tokens (halved on CUDA out-of-memory)")
+    cli.add_flag(run, "max_batch_tokens", type=batch_tokens, default=None, metavar="auto|N|0",
+                 help="token budget of a batch: rows x (its longest prompt + max new tokens). auto (default): "
+                      "what --batch_size rows of the longest prompts take, so short prompts go in bigger "
+                      f"batches (at most {generation.BUDGET_ROWS_FACTOR}x --batch_size) within the same memory; "
+                      "N: that budget; 0: plain batches of --batch_size" + OWN_DEFAULT)
     cli.add_flag(run, "merge_lora", action="store_true", default=True,
                  help="merge the adapter into the weights with merge_and_unload (faster)")
     cli.add_flag(run, "no_merge_lora", dest="merge_lora", action="store_false", default=argparse.SUPPRESS,
                  help="keep the adapter as a separate pass (slower; avoids the rounding of merged bf16/fp16 weights)")
+    cli.add_flag(run, "use_generate", action="store_true",
+                 help="decode greedy batches with model.generate too, instead of the engine's own loop that "
+                      "drops finished rows (same text, slower; for a model the loop handles wrongly)")
     cli.add_flag(run, "dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                  help="weights dtype; auto = bfloat16 on a GPU, float32 on CPU")
     cli.add_flag(run, "device_map", default=None,
@@ -109,9 +134,10 @@ def generate(args) -> int:
     loaded = generation.load_model(args.model_name_or_path, args.adapter_path, dtype=args.dtype,
                                    device_map=args.device_map, merge=args.merge_lora,
                                    trust_remote_code=args.trust_remote_code)
-    generator = generation.Generator(loaded, args.use_chat_template)
+    generator = generation.Generator(loaded, args.use_chat_template, fast_greedy=not args.use_generate)
     requests = generation.iter_shard(args.input_file, options, args.input_format, args.split, shard_index, num_shards)
-    stats = generation.run_generation(generator, requests, output, overrides, args.batch_size, ids=ids)
+    stats = generation.run_generation(generator, requests, output, overrides, args.batch_size, ids=ids,
+                                      max_batch_tokens=args.max_batch_tokens)
     rate = stats.completion_tokens / stats.seconds if stats.seconds > 0 else 0.0
     print(f"wrote {output}: {stats.done} generated, {stats.skipped} already there, "
           f"{stats.done + stats.skipped} of {stats.total} done ({stats.completion_tokens:,} tokens, {rate:,.0f} tok/s)")

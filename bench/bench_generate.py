@@ -14,8 +14,12 @@ base + adapter:
   original research scripts did;
 - (b) ``transformers.pipeline("text-generation", batch_size=B)`` on the ``PeftModel``
   with ``do_sample=False`` (the pipeline samples by default);
-- (c) this suite's engine (``datagen.generation``): adapter merged, prompts sorted by
-  length into batches of B, left padding, records appended to a file as a run would.
+- (c) this suite's engine (``datagen.generation``) as ``generate_data_finetuned.py`` runs it
+  by default (``--batch_size B``, ``--max_batch_tokens auto``): adapter merged, prompts
+  sorted by length into batches of B rows of the longest prompts and as many shorter
+  ones as fit the same token budget (so no batch holds a larger KV cache than the
+  pipeline's worst batch of B), left padding, greedy decoding in the engine's own loop,
+  records appended to a file as a run would.
 
 It checks that the three produce identical greedy text (fp32 on CPU; in bf16 the merged
 weights round differently, so on GPU it reports how many match), and prints tokens per
@@ -86,13 +90,13 @@ def with_pipeline(pipe, prompts, max_new_tokens, batch_size):
     return [out[0]["generated_text"] for out in outputs]
 
 
-def with_engine(generator, prompts, max_new_tokens, batch_size, out_path):
+def with_engine(generator, prompts, max_new_tokens, batch_size, out_path, max_batch_tokens=None):
     from datagen import generation
 
     requests = [generation.Request(f"r{i}", i, f"prompt {i}", text=p, raw=True) for i, p in enumerate(prompts)]
     out_path.unlink(missing_ok=True)
     stats = generation.run_generation(generator, requests, out_path, generation.Overrides(max_new_tokens=max_new_tokens),
-                                      batch_size, show_progress=False)
+                                      batch_size, show_progress=False, max_batch_tokens=max_batch_tokens)
     with open(out_path, encoding="utf-8") as handle:
         by_id = {r["custom_id"]: r for r in map(json.loads, handle)}
     return [by_id[f"r{i}"]["generated_text"] for i in range(len(prompts))], stats
@@ -134,10 +138,14 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--large_batch", type=int, default=0,
                         help="also time the engine at this batch size (default 0: skip); the pipeline stays at B")
+    parser.add_argument("--max_batch_tokens", default="auto",
+                        help="the engine's token budget, as generate_data_finetuned.py takes it (default auto; "
+                             "0: plain batches of B)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds of every method, interleaved; the best of each counts")
     parser.add_argument("--skip_one_at_a_time", action="store_true", help="skip (a), the slow baseline")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    budget = None if args.max_batch_tokens == "auto" else int(args.max_batch_tokens)
 
     import torch
     import transformers
@@ -189,12 +197,12 @@ def main(argv=None) -> int:
         sync = torch.cuda.synchronize if args.gpu else (lambda: None)
 
         # Interleaved rounds, so a burst of load elsewhere hits every method alike.
-        methods = {"c": lambda: with_engine(generator, prompts, N, B, tmp / "out.jsonl"),
+        methods = {"c": lambda: with_engine(generator, prompts, N, B, tmp / "out.jsonl", budget),
                    "b": lambda: with_pipeline(pipe, prompts, N, B)}
         if not args.skip_one_at_a_time:
             methods["a"] = lambda: one_at_a_time(peft_model, tokenizer, prompts, N, device)
         if args.large_batch and args.large_batch != B:
-            methods["c2"] = lambda: with_engine(generator, prompts, N, args.large_batch, tmp / "large.jsonl")
+            methods["c2"] = lambda: with_engine(generator, prompts, N, args.large_batch, tmp / "large.jsonl", budget)
         runs: dict[str, list] = {key: [] for key in methods}
         for _ in range(args.repeats):
             for key, fn in methods.items():
@@ -223,7 +231,9 @@ def main(argv=None) -> int:
             print(f"engine at batch {args.large_batch} vs pipeline at batch {B}: {t_pipe / best['c2'][1]:.2f}x "
                   "(the engine halves a batch on out-of-memory, so a large batch is a safe request)")
         print(f"\npad tokens: {unsorted_pad_tokens(tokenizer, prompts, B):,} in input-order batches, "
-              f"{stats.pad_tokens:,} in the engine's length-sorted batches")
+              f"{stats.pad_tokens:,} in the engine's length-sorted batches "
+              f"({stats.batches} batches with --max_batch_tokens {args.max_batch_tokens}; "
+              f"{-(-len(prompts) // B)} of {B} rows without a budget)")
         if args.gpu:
             bandwidth = measure_bandwidth(device)
             steps = -(-len(prompts) // B) * N

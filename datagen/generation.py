@@ -17,8 +17,11 @@ What it does, in the order a run does it:
 3. ``run_generation`` skips the ``custom_id``s already in the output file (resume),
    reads the rest in windows of ``SORT_WINDOW`` requests, groups them by their
    generation parameters, sorts each group by prompt length
-   into batches (few pad tokens), generates with left padding and an attention mask,
-   cuts stop strings, and appends one record per request as each batch finishes
+   into batches (few pad tokens; by default ``batch_size`` rows of the longest prompts
+   and as many shorter ones as fit the same token budget), generates with left padding
+   and an attention mask (greedy batches in the engine's own decoding loop, which drops
+   finished rows; ``model.generate`` otherwise), cuts stop strings, and appends one
+   record per request as each batch finishes
    (flushed and fsynced). A CUDA out-of-memory error halves the batch size and
    retries. When every request is done, the file is rewritten in input order.
 
@@ -54,6 +57,7 @@ DEFAULT_TEMPERATURE = 1.0  # when sampling without a temperature (OpenAI's defau
 DEFAULT_TOP_P = 1.0
 DEFAULT_SEED = 0
 SORT_WINDOW = 8192  # requests read, sorted by length and generated together (bounds memory)
+BUDGET_ROWS_FACTOR = 8  # with a token budget, a batch holds at most this many times --batch_size prompts
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
@@ -544,6 +548,54 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+# Generation-config settings under which greedy ``generate`` only takes the argmax:
+# anything else (a repetition penalty, banned words, forced tokens, ...) adds a logits
+# processor, and then the engine calls ``generate`` itself.
+_NEUTRAL_GENERATION = {"repetition_penalty": (None, 1.0), "encoder_repetition_penalty": (None, 1.0),
+                       "no_repeat_ngram_size": (None, 0), "encoder_no_repeat_ngram_size": (None, 0),
+                       "bad_words_ids": (None,), "sequence_bias": (None,), "suppress_tokens": (None,),
+                       "begin_suppress_tokens": (None,), "forced_bos_token_id": (None,),
+                       "forced_eos_token_id": (None,), "min_length": (None, 0), "min_new_tokens": (None, 0),
+                       "exponential_decay_length_penalty": (None,), "renormalize_logits": (None, False),
+                       "watermarking_config": (None,), "forced_decoder_ids": (None,), "num_beams": (None, 1),
+                       "guidance_scale": (None, 1.0), "low_memory": (None, False), "penalty_alpha": (None,),
+                       "dola_layers": (None,), "assistant_model": (None,), "prompt_lookup_num_tokens": (None,)}
+
+
+def _fast_greedy_inputs(model) -> tuple[str, str | None] | None:
+    """(name of the cache argument, name of the logits_to_keep argument or None) when the
+    engine's own greedy loop computes exactly what ``model.generate`` would; else None.
+
+    Only a decoder-only model whose inputs for generation are the standard ones (it
+    does not override ``prepare_inputs_for_generation``) and whose generation config
+    adds no logits processor qualifies (a PeftModel is judged by its base model).
+    """
+    import inspect
+
+    from transformers import GenerationMixin
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False) or not isinstance(base, GenerationMixin):
+        return None
+    if type(base).prepare_inputs_for_generation is not GenerationMixin.prepare_inputs_for_generation:
+        return None
+    generation_config = getattr(base, "generation_config", None)
+    for name, neutral in _NEUTRAL_GENERATION.items():
+        if getattr(generation_config, name, None) not in neutral:
+            return None
+    try:
+        parameters = set(inspect.signature(base.forward).parameters)
+    except (TypeError, ValueError):
+        return None
+    if "position_ids" not in parameters or "attention_mask" not in parameters:
+        return None
+    cache_key = "cache" if "cache" in parameters else "past_key_values" if "past_key_values" in parameters else None
+    if cache_key is None:
+        return None
+    return cache_key, "logits_to_keep" if "logits_to_keep" in parameters else None
+
+
 def cut_at_stop(text: str, stops: Iterable[str]) -> tuple[str, bool]:
     """Text up to the earliest stop string (not included), and whether one was found."""
     best = None
@@ -557,7 +609,7 @@ def cut_at_stop(text: str, stops: Iterable[str]) -> tuple[str, bool]:
 class Generator:
     """Generates batches of requests on a loaded model."""
 
-    def __init__(self, loaded: LoadedModel, use_chat_template: str = "auto"):
+    def __init__(self, loaded: LoadedModel, use_chat_template: str = "auto", fast_greedy: bool = True):
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -565,6 +617,8 @@ class Generator:
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id
         self.has_template = bool(getattr(self.tokenizer, "chat_template", None))
+        # None: always use model.generate (asked for, or the model is not one the loop knows).
+        self.fast_greedy = _fast_greedy_inputs(self.model) if fast_greedy else None
         if use_chat_template == "always" and not self.has_template:
             raise UserError(f"--use_chat_template always: {loaded.model_name} has no chat template; "
                             "use --use_chat_template never or a tokenizer that has one")
@@ -632,6 +686,9 @@ class Generator:
             attention[row, width - len(ids):] = 1
         n = params.num_return_sequences
         sampled_n = n if params.do_sample else 1
+        if self.fast_greedy is not None and not params.do_sample and not params.stop:
+            new_tokens = self._greedy(input_ids, attention, params.max_new_tokens)
+            return [[self._sample(tokens, params)] * n for tokens in new_tokens]
         kwargs = dict(max_new_tokens=params.max_new_tokens, do_sample=params.do_sample,
                       num_return_sequences=sampled_n, pad_token_id=self.pad_id,
                       eos_token_id=sorted(self.eos_ids) or None)
@@ -654,6 +711,57 @@ class Generator:
                 samples = samples * n  # greedy decoding gives the same answer every time
             results.append(samples)
         return results
+
+    def _greedy(self, input_ids, attention, max_new_tokens: int) -> list[list[int]]:
+        """Greedy decoding with the KV cache, without ``model.generate``'s per-step machinery.
+
+        The same computation as ``generate(do_sample=False)`` for a model whose generation
+        config adds no logits processor (``_fast_greedy_inputs`` checks): positions from
+        the attention mask, a prefill that keeps only the last position's logits, then one
+        token a step, argmax over float32 logits. Rows that produced an EOS leave the
+        batch at once (their KV cache rows are dropped), so a batch costs what its
+        unfinished rows cost. Returns each row's new tokens, up to and including its EOS.
+        """
+        import torch
+
+        cache_key, keep_key = self.fast_greedy
+        device = self.loaded.device
+        input_ids, attention = input_ids.to(device), attention.to(device)
+        rows = input_ids.shape[0]
+        positions = attention.cumsum(-1) - 1
+        positions.masked_fill_(attention == 0, 0)
+        eos = torch.tensor(sorted(self.eos_ids), dtype=torch.long, device=device) if self.eos_ids else None
+        outputs: list[list[int]] = [[] for _ in range(rows)]
+        alive = list(range(rows))  # batch row -> output row
+        extra = {keep_key: 1} if keep_key else {}
+        cache = None
+        ended = torch.zeros(rows, dtype=torch.bool, device=device)
+        with torch.inference_mode():
+            step_ids = input_ids
+            for step in range(max_new_tokens):
+                out = self.model(input_ids=step_ids, attention_mask=attention, position_ids=positions,
+                                 use_cache=True, **{cache_key: cache}, **extra)
+                cache = getattr(out, cache_key)
+                token = out.logits[:, -1, :].float().argmax(-1).to(device)  # last layer may sit elsewhere
+                for row, value in zip(alive, token.tolist()):
+                    outputs[row].append(value)
+                if step + 1 == max_new_tokens:
+                    break
+                if eos is not None:
+                    ended |= torch.isin(token, eos)
+                    if bool(ended.any()):
+                        keep = (~ended).nonzero().flatten()
+                        if keep.numel() == 0:
+                            break
+                        if hasattr(cache, "batch_select_indices"):  # else the ended rows run on, cut later
+                            cache.batch_select_indices(keep.cpu())  # layers may sit on several devices
+                            token, attention, positions = token[keep], attention[keep], positions[keep]
+                            alive = [alive[i] for i in keep.tolist()]
+                            ended = ended[keep]
+                step_ids = token[:, None]
+                attention = torch.cat([attention, attention.new_ones((attention.shape[0], 1))], dim=-1)
+                positions = positions[:, -1:] + 1
+        return outputs
 
     def _sample(self, tokens: list[int], params: GenParams) -> Sample:
         """Tokens of one row into text: cut at the first EOS, then at the first stop string."""
@@ -694,6 +802,8 @@ class RunStats:
     pad_tokens: int = 0
     seconds: float = 0.0
     batch_size: int = 0  # the batch size in the end (after any halving)
+    max_batch_tokens: int | None = 0  # the token budget in the end (0: none; None: auto)
+    batches: int = 0  # batches generated
 
 
 def read_done_ids(output: Path) -> set[str]:
@@ -760,29 +870,56 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def plan_batches(requests: list[Request], batch_size: int) -> list[list[Request]]:
-    """Sort by prompt length (longest first, so an OOM shows early) and cut into batches."""
+def plan_batches(requests: list[Request], batch_size: int, max_new_tokens: int = 0,
+                 max_batch_tokens: int | None = 0) -> list[list[Request]]:
+    """Sort by prompt length (longest first, so an OOM shows early) and cut into batches.
+
+    ``max_batch_tokens`` 0: batches of ``batch_size`` prompts. Otherwise a token budget
+    (lm-eval-harness / vLLM style): a batch takes prompts while its rows times (its
+    longest prompt + ``max_new_tokens``), the KV cache it holds at the end, stay within
+    the budget, so short prompts go in bigger batches (at most ``BUDGET_ROWS_FACTOR`` x
+    ``batch_size`` rows). ``None`` (auto): the budget is what ``batch_size`` rows of the
+    window's longest prompt take, so no batch holds a larger KV cache than a plain
+    batch of ``batch_size`` prompts would at its largest.
+    """
     ordered = sorted(requests, key=lambda r: (-len(r.input_ids), r.index))
-    return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+    if max_batch_tokens == 0 or not ordered:
+        return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+    if max_batch_tokens is None:
+        max_batch_tokens = batch_size * (len(ordered[0].input_ids) + max_new_tokens)
+    max_rows = BUDGET_ROWS_FACTOR * batch_size
+    batches: list[list[Request]] = []
+    current: list[Request] = []
+    for request in ordered:
+        width = len(current[0].input_ids) if current else len(request.input_ids)  # longest first
+        if current and (len(current) >= max_rows or (len(current) + 1) * (width + max_new_tokens) > max_batch_tokens):
+            batches.append(current)
+            current = []
+        current.append(request)
+    batches.append(current)
+    return batches
 
 
 def run_generation(generator: Generator, requests: Iterable[Request], output: Path, overrides: Overrides,
                    batch_size: int, *, ids: list[str] | None = None, reorder: bool = True,
-                   show_progress: bool = True) -> RunStats:
+                   show_progress: bool = True, max_batch_tokens: int | None = 0) -> RunStats:
     """Generate every request not yet in ``output``, appending one record per request.
 
     ``requests`` may be a stream (then ``ids``, its ``custom_id``s in order, must be
     given, as ``check_requests`` returns them); it is read ``SORT_WINDOW`` requests at a
-    time, and each window is sorted by length into batches.
+    time, and each window is sorted by length into batches: of ``batch_size`` prompts, or
+    by a token budget (``max_batch_tokens``; ``None``: auto, see ``plan_batches``).
     """
     from datagen.cli import progress
 
     if batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {batch_size}")
+    if max_batch_tokens is not None and max_batch_tokens < 0:
+        raise UserError(f"--max_batch_tokens must be 0 (off), auto or a positive number, got {max_batch_tokens}")
     if ids is None:
         requests = list(requests)
         ids = [r.custom_id for r in requests]
-    stats = RunStats(total=len(ids), batch_size=batch_size)
+    stats = RunStats(total=len(ids), batch_size=batch_size, max_batch_tokens=max_batch_tokens)
     with exclusive(output):
         done_ids = read_done_ids(output)
         todo = sum(1 for custom_id in ids if custom_id not in done_ids)
@@ -834,7 +971,7 @@ def _run_group(generator, window, params, stats, sink, bar, started) -> int:
     loaded = generator.loaded
     record_params = params.record(loaded.dtype, loaded.merged)
     batch_size = stats.batch_size
-    pending = plan_batches(window, batch_size)
+    pending = plan_batches(window, batch_size, params.max_new_tokens, stats.max_batch_tokens)
     while pending:
         batch = pending.pop(0)
         try:
@@ -849,10 +986,16 @@ def _run_group(generator, window, params, stats, sink, bar, started) -> int:
                                 f"({len(batch[0].input_ids)} prompt tokens + {params.max_new_tokens} new); "
                                 "lower --max_new_tokens, use --dtype bfloat16, or spread the model over "
                                 "more GPUs with --device_map auto") from None
-            batch_size = max(1, len(batch) // 2)
+            # A token-budget batch can hold more than batch_size short prompts: halve what
+            # failed, rows and budget alike.
+            batch_size = max(1, min(batch_size, len(batch)) // 2)
+            if stats.max_batch_tokens:
+                failed = len(batch) * (max(len(r.input_ids) for r in batch) + params.max_new_tokens)
+                stats.max_batch_tokens = max(1, min(stats.max_batch_tokens, failed) // 2)
             log.warning("out of memory at batch size %d; halving to %d", len(batch), batch_size)
+            stats.batch_size = batch_size
             rest = [r for b in [batch] + pending for r in b]
-            pending = plan_batches(rest, batch_size)
+            pending = plan_batches(rest, batch_size, params.max_new_tokens, stats.max_batch_tokens)
             continue
         now = int(time.time())
         width = max(len(r.input_ids) for r in batch)
@@ -864,6 +1007,7 @@ def _run_group(generator, window, params, stats, sink, bar, started) -> int:
             stats.pad_tokens += width - len(request.input_ids)
         sink.write_many(records)
         stats.done += len(batch)
+        stats.batches += 1
         elapsed = max(time.monotonic() - started, 1e-9)
         bar.set_postfix_str(f"{stats.completion_tokens / elapsed:,.0f} tok/s", refresh=False)
         bar.update(len(batch))

@@ -111,6 +111,11 @@ def build_tiny_model(path, seed: int = 0, arch: str = "llama", hidden: int = 64,
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(seed=seed)
     config = _config(arch, tokenizer, hidden, layers)
+    # AutoTokenizer may load the architecture's own tokenizer class, which can add tokens
+    # (Qwen2's adds one): size the embeddings for the tokenizer users will actually load.
+    tokenizer.save_pretrained(path)
+    config.save_pretrained(path)
+    config.vocab_size = max(config.vocab_size, len(transformers.AutoTokenizer.from_pretrained(path)))
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config.pad_token_id = None

@@ -183,16 +183,19 @@ def test_out_of_memory_halves_the_batch(merged, tmp_path, monkeypatch):
     import torch
 
     model = merged.model
-    real_generate = model.generate
+    real_forward = model.forward
     sizes = []
 
-    def generate_with_little_memory(*args, **kwargs):  # a GPU that fits at most 2 prompts
-        sizes.append(kwargs["input_ids"].shape[0])
+    # A GPU that fits at most 2 prompts. The forward pass fails, as a real OOM does, both
+    # under model.generate and under the engine's own greedy loop.
+    def forward_with_little_memory(*args, **kwargs):
+        if kwargs["input_ids"].shape[1] > 1:  # a prefill: a new batch
+            sizes.append(kwargs["input_ids"].shape[0])
         if kwargs["input_ids"].shape[0] > 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_generate(*args, **kwargs)
+        return real_forward(*args, **kwargs)
 
-    monkeypatch.setattr(model, "generate", generate_with_little_memory)
+    monkeypatch.setattr(model, "forward", forward_with_little_memory)
     generator = generation.Generator(merged)
     stats = generation.run_generation(generator, requests_for(), tmp_path / "oom.jsonl",
                                       generation.Overrides(max_new_tokens=6), 8, show_progress=False)
@@ -201,6 +204,135 @@ def test_out_of_memory_halves_the_batch(merged, tmp_path, monkeypatch):
                               generation.Overrides(max_new_tokens=6), 8, show_progress=False)
     assert stats.batch_size == 2 and sizes[:3] == [8, 4, 2]
     assert texts(tmp_path / "oom.jsonl") == texts(tmp_path / "ok.jsonl")
+
+
+def test_out_of_memory_halves_a_token_budget_too(merged, tmp_path, monkeypatch):
+    """A token-budget batch of short prompts can hold more rows than --batch_size: an OOM
+    halves what failed (rows and budget), never grows the batch."""
+    import torch
+
+    model = merged.model
+    real_forward = model.forward
+    sizes = []
+
+    def forward_with_little_memory(*args, **kwargs):
+        rows, width = kwargs["input_ids"].shape
+        if width > 1:
+            sizes.append(rows)
+        if rows > 4:  # the first batch (4 of the longest prompts) fits; a bigger one does not
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", forward_with_little_memory)
+    generator = generation.Generator(merged)
+    stats = generation.run_generation(generator, requests_for(), tmp_path / "oom.jsonl",
+                                      generation.Overrides(max_new_tokens=6), 4, show_progress=False,
+                                      max_batch_tokens=None)
+    monkeypatch.undo()
+    generation.run_generation(generator, requests_for(), tmp_path / "ok.jsonl",
+                              generation.Overrides(max_new_tokens=6), 1, show_progress=False)
+    assert stats.done == 12 and stats.batch_size <= 2
+    assert max(sizes) > 4  # the budget really put more than --batch_size short prompts in a batch
+    assert texts(tmp_path / "oom.jsonl") == texts(tmp_path / "ok.jsonl")
+
+
+def test_token_budget_batches(merged):
+    """Longest prompts first, batch_size rows of them; shorter ones fill the same budget."""
+    generator = generation.Generator(merged)
+    requests = requests_for(40)
+    for r in requests:
+        r.input_ids = generator.encode(r)
+    lengths = sorted((len(r.input_ids) for r in requests), reverse=True)
+    plain = generation.plan_batches(requests, 4, 8, 0)
+    assert [len(b) for b in plain] == [4] * 10
+    auto = generation.plan_batches(requests, 4, 8, None)
+    budget = 4 * (lengths[0] + 8)
+    assert len(auto[0]) == 4 and len(auto) < len(plain) and max(map(len, auto)) > 4
+    for batch in auto:
+        assert len(batch) * (max(len(r.input_ids) for r in batch) + 8) <= budget
+        assert len(batch) <= generation.BUDGET_ROWS_FACTOR * 4
+    flat = [r for b in auto for r in b]
+    assert sorted(r.index for r in flat) == list(range(40))  # every prompt exactly once
+    assert [len(r.input_ids) for r in flat] == lengths  # still sorted longest first
+    explicit = generation.plan_batches(requests, 4, 8, 10 ** 9)
+    assert [len(b) for b in explicit] == [32, 8]  # capped at BUDGET_ROWS_FACTOR x batch_size
+    tiny_budget = generation.plan_batches(requests, 4, 8, 1)
+    assert [len(b) for b in tiny_budget] == [1] * 40  # a prompt over the budget still runs, alone
+
+
+def test_token_budget_keeps_greedy_output_and_input_order(merged, tmp_path):
+    generator = generation.Generator(merged)
+    overrides = generation.Overrides(max_new_tokens=10)
+    for name, budget in (("auto", None), ("explicit", 600)):
+        stats = generation.run_generation(generator, requests_for(30), tmp_path / f"{name}.jsonl", overrides, 3,
+                                          show_progress=False, max_batch_tokens=budget)
+        assert stats.done == 30
+    generation.run_generation(generator, requests_for(30), tmp_path / "one.jsonl", overrides, 1,
+                              show_progress=False)
+    for name in ("auto", "explicit"):
+        assert [r["custom_id"] for r in read_jsonl(tmp_path / f"{name}.jsonl")] == [f"p{i}" for i in range(30)]
+        assert texts(tmp_path / f"{name}.jsonl") == texts(tmp_path / "one.jsonl")
+
+
+def test_fast_greedy_loop_equals_generate_and_drops_finished_rows(merged, tmp_path):
+    """The engine's own greedy loop gives model.generate's tokens, also when rows end early
+    (an EOS mid-batch: the row leaves the batch, the others go on unchanged)."""
+    generator = generation.Generator(merged)
+    assert generator.fast_greedy is not None  # the tiny Llama qualifies
+    batch = [generator.encode(r) for r in requests_for(8)]
+    params = generation.GenParams(max_new_tokens=12)
+    slow = generation.Generator(merged)
+    slow.fast_greedy = None  # model.generate
+    reference = slow.generate_batch(batch, params)
+    assert generator.generate_batch(batch, params) == reference
+    # Make a token that some rows produce mid-way an EOS: those rows stop there.
+    import torch
+
+    width = max(map(len, batch))
+    input_ids = torch.tensor([[generator.pad_id] * (width - len(ids)) + ids for ids in batch])
+    attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
+    token_lists = generator._greedy(input_ids, attention, 12)
+    counts = {}
+    for tokens in token_lists:
+        for t in set(tokens[1:-1]):
+            counts[t] = counts.get(t, 0) + 1
+    eos = max(counts, key=lambda t: (0 < counts[t] < len(batch), counts[t]))
+    for g in (generator, slow):
+        g.eos_ids = set(g.eos_ids) | {eos}
+    fast_out, slow_out = generator.generate_batch(batch, params), slow.generate_batch(batch, params)
+    assert fast_out == slow_out
+    finish = [s[0].finish_reason for s in fast_out]
+    assert "stop" in finish and "length" in finish  # some rows ended early, some ran to the end
+
+
+def test_fast_greedy_only_where_generate_adds_nothing(merged):
+    import copy
+
+    generator = generation.Generator(merged)
+    assert generator.fast_greedy is not None
+    config = copy.deepcopy(merged.model.generation_config)
+    try:
+        merged.model.generation_config.repetition_penalty = 1.3  # generate would add a processor
+        assert generation.Generator(merged).fast_greedy is None
+    finally:
+        merged.model.generation_config = config
+
+
+def test_cli_max_batch_tokens(tiny, capsys):
+    write_prompts(count=10)
+    base = ["--model_name_or_path", tiny["base"], "--adapter_path", tiny["adapter"], "--input_file", "prompts.jsonl",
+            "--id_field", "id", "--max_new_tokens", "4", "--batch_size", "2"]
+    outputs = {}
+    for value in ("auto", "0", "500"):
+        code, out, err = run_main(capsys, *base, "--output_file", f"gen-{value}.jsonl", "--max_batch_tokens", value)
+        assert code == 0, err
+        outputs[value] = texts(f"gen-{value}.jsonl")
+        assert list(outputs[value]) == [f"p{i}" for i in range(10)]
+    assert outputs["auto"] == outputs["0"] == outputs["500"]
+    with pytest.raises(SystemExit) as exc:
+        generate_data_finetuned.main([*map(str, base), "--max_batch_tokens", "-5"])
+    assert exc.value.code == 2
+    assert "--max_batch_tokens" in capsys.readouterr().err
 
 
 # --- the command line ----------------------------------------------------------------
@@ -497,3 +629,29 @@ def test_refused_run_leaves_the_lock_of_the_running_one():
     with generation.exclusive(out):  # free again once released
         pass
     assert not Path(".gen.jsonl.lock").exists()
+
+
+def test_use_generate_bypasses_the_loop_with_the_same_greedy_text(tiny, capsys, monkeypatch):
+    write_prompts(count=6)
+    base = ["--model_name_or_path", tiny["base"], "--adapter_path", tiny["adapter"],
+            "--input_file", "prompts.jsonl", "--max_new_tokens", "8", "--batch_size", "4"]
+    assert run_main(capsys, *base, "--output_file", "loop.jsonl")[0] == 0
+
+    def no_loop(*args, **kwargs):
+        raise AssertionError("--use_generate must not use the engine's greedy loop")
+
+    monkeypatch.setattr(generation.Generator, "_greedy", no_loop)
+    assert run_main(capsys, *base, "--output_file", "generate.jsonl", "--use_generate")[0] == 0
+    assert texts("loop.jsonl") == texts("generate.jsonl")
+    assert len(texts("loop.jsonl")) == 6
+
+
+def test_qwen2_tiny_model_generates(tmp_path, capsys):
+    """The tokenizer AutoTokenizer loads for a Qwen2 config has one more token than
+    the one trained; the tiny model's embeddings must cover it."""
+    base = tinymodel.build_tiny_model(tmp_path / "qwen2", arch="qwen2")
+    write_prompts(count=3)
+    code, _, err = run_main(capsys, "--model_name_or_path", base, "--input_file", "prompts.jsonl",
+                            "--output_file", "out.jsonl", "--max_new_tokens", "4")
+    assert code == 0, err
+    assert len(texts("out.jsonl")) == 3

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -250,7 +251,7 @@ def test_outside_slurm_forwards_only_what_is_given(tiny_model):
     assert shlex.split(command[0].removeprefix("[job_script] command: ")) == [
         sys.executable, str(ROOT / "generate_data_finetuned.py"),
         "--model_name_or_path", str(base), "--adapter_path", str(adapter), "--input_file", "prompts.jsonl",
-        "--id_field", "id", "--batch_size", "4", "--no-do-sample", "--no-merge-lora",
+        "--id_field", "id", "--batch_size", "4", "--no_do_sample", "--no_merge_lora",
         "--max_new_tokens", "5", "--stop", "two words"]
     assert "[job_script] job none (not under SLURM), array job none, array task none of none" in proc.stdout
     assert "[job_script]   BATCH_SIZE=4" in proc.stdout
@@ -312,6 +313,25 @@ def test_venv_is_activated_when_given(tiny_model):
 
 
 # --- with a real sbatch ------------------------------------------------------------------
+
+
+def test_every_flag_of_the_generator_is_a_setting_of_the_job_script():
+    """The environment settings of job_script.sh cover every flag of generate_data_finetuned.py
+    (value flags in SETTINGS, switches in SWITCHES), so a new flag cannot be forgotten."""
+    import generate_data_finetuned
+
+    script = JOB_SCRIPT.read_text()
+    settings = re.search(r"^SETTINGS=\((.*?)\)", script, re.S | re.M).group(1).split()
+    switches = re.search(r"^SWITCHES=\((.*?)\)", script, re.S | re.M).group(1).split()
+    switch_flags = set(re.findall(r"\]=(--[a-z_-]+)", script))
+    for action in generate_data_finetuned.build_parser()._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        flag = action.option_strings[0]
+        if action.nargs == 0:
+            assert flag in switch_flags or flag[2:].upper() in switches, f"{flag} has no switch in job_script.sh"
+        else:
+            assert flag[2:].upper() in settings, f"{flag} has no setting in job_script.sh"
 
 
 @pytest.mark.slurm
