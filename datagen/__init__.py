@@ -2,11 +2,17 @@
 
 One home for each file format and each shared flag:
 
-- ``errors``     UserError, the one exception type that becomes a one-line message
-- ``jsonl``      streaming JSONL reading (errors name file:line) and atomic writes
-- ``cli``        the shared ``main()`` wrapper, logging and shared argparse pieces
-- ``prompts``    prompts files of every supported kind, read as a stream of records
-- ``batchfile``  OpenAI Batch API input lines: endpoints, bodies, limits, part files
+- ``errors``              UserError, the one exception type that becomes a one-line message
+- ``jsonl``               the JSON codec, streaming JSONL reading (file:line errors), atomic writes
+- ``cli``                 the shared ``main()`` wrapper, logging, progress bars, flag helpers
+- ``prompts``             prompts files of every supported kind, read as a stream of records
+- ``batchfile``           OpenAI Batch API input lines: endpoints, bodies, limits, part files
+- ``openai_batch``        the Batch API lifecycle behind batch_utils.py (key and id files too)
+- ``local_batch_server``  a local stand-in of the Files + Batches API (tests and the demo)
+- ``generation``          the Hugging Face + LoRA engine behind generate_data_finetuned.py
+- ``tinymodel``           tiny models and LoRA adapters built on the spot (tests and the demo)
+- ``results``             raw results of both routes into one format (reformat_results.py)
+- ``demo``                ``make demo``: both routes end to end, offline
 """
 
 __version__ = "0.1.0"
