@@ -99,6 +99,10 @@ def build_parser():
     cli.add_flag(run, "use_generate", action="store_true",
                  help="decode greedy batches with model.generate too, instead of the engine's own loop that "
                       "drops finished rows (same text, slower; for a model the loop handles wrongly)")
+    cli.add_flag(run, "compile", action="store_true",
+                 help="run the greedy loop's decode steps through torch.compile: faster steps after a one-time "
+                      "compile (seconds to a minute, per process; needs a C++ compiler on CPU); the same text. "
+                      "Sampling and stop strings go through model.generate, uncompiled")
     cli.add_flag(run, "dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                  help="weights dtype; auto = bfloat16 on a GPU, float32 on CPU")
     cli.add_flag(run, "device_map", default=None,
@@ -134,7 +138,8 @@ def generate(args) -> int:
     loaded = generation.load_model(args.model_name_or_path, args.adapter_path, dtype=args.dtype,
                                    device_map=args.device_map, merge=args.merge_lora,
                                    trust_remote_code=args.trust_remote_code)
-    generator = generation.Generator(loaded, args.use_chat_template, fast_greedy=not args.use_generate)
+    generator = generation.Generator(loaded, args.use_chat_template, fast_greedy=not args.use_generate,
+                                     compile=args.compile)
     requests = generation.iter_shard(args.input_file, options, args.input_format, args.split, shard_index, num_shards)
     stats = generation.run_generation(generator, requests, output, overrides, args.batch_size, ids=ids,
                                       max_batch_tokens=args.max_batch_tokens)

@@ -21,7 +21,7 @@
 #
 # Settings: the flags of generate_data_finetuned.py as environment variables (upper case,
 # SETTINGS below: MODEL_NAME_OR_PATH, ADAPTER_PATH, INPUT_FILE, OUTPUT_FILE, BATCH_SIZE,
-# MAX_NEW_TOKENS, ...; switches DO_SAMPLE, NO_MERGE_LORA, TRUST_REMOTE_CODE, USE_GENERATE take 1 or 0),
+# MAX_NEW_TOKENS, ...; switches DO_SAMPLE, NO_MERGE_LORA, TRUST_REMOTE_CODE, USE_GENERATE, COMPILE take 1 or 0),
 # and/or any flag after the script name, forwarded verbatim (repeat --stop for several):
 #   sbatch job_script.sh --model_name_or_path BASE --input_file in.jsonl --output_file out.jsonl --stop '###'
 # Only what is given is forwarded: every default lives in generate_data_finetuned.py. The
@@ -56,9 +56,9 @@ SETTINGS=(MODEL_NAME_OR_PATH ADAPTER_PATH INPUT_FILE OUTPUT_FILE
           BATCH_SIZE MAX_BATCH_TOKENS DTYPE DEVICE_MAP SHARD_INDEX NUM_SHARDS LOG_LEVEL)
 # Switches: VAR=1 forwards the first flag, VAR=0 the second (if any), unset/empty nothing.
 declare -A SWITCH_ON=([DO_SAMPLE]=--do_sample [NO_MERGE_LORA]=--no_merge_lora [TRUST_REMOTE_CODE]=--trust_remote_code
-                      [USE_GENERATE]=--use_generate)
+                      [USE_GENERATE]=--use_generate [COMPILE]=--compile)
 declare -A SWITCH_OFF=([DO_SAMPLE]=--no_do_sample [NO_MERGE_LORA]=--merge_lora)
-SWITCHES=(DO_SAMPLE NO_MERGE_LORA TRUST_REMOTE_CODE USE_GENERATE)
+SWITCHES=(DO_SAMPLE NO_MERGE_LORA TRUST_REMOTE_CODE USE_GENERATE COMPILE)
 REQUIRED=(MODEL_NAME_OR_PATH INPUT_FILE)
 
 say() { echo "[job_script] $*"; }

@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/bench_generate.py                   # CPU: tiny model + adapter, fp32
     .venv/bin/python bench/bench_generate.py --prompts 32      # a quicker run
+    .venv/bin/python bench/bench_generate.py --compile         # also the engine with --compile
     .venv/bin/python bench/bench_generate.py --gpu             # GPU: a larger random model in bf16
 
 Builds a random-weight Llama-style model and a LoRA adapter on the spot
@@ -21,7 +22,10 @@ base + adapter:
   pipeline's worst batch of B), left padding, greedy decoding in the engine's own loop,
   records appended to a file as a run would.
 
-It checks that the three produce identical greedy text (fp32 on CPU; in bf16 the merged
+With ``--compile`` it also times (c+), the engine with ``--compile`` (``torch.compile``
+of the decode steps), after a first run that compiles, whose time is printed apart.
+
+It checks that the methods produce identical greedy text (fp32 on CPU; in bf16 the merged
 weights round differently, so on GPU it reports how many match), and prints tokens per
 second and the ratios. Model loading is not timed; each method gets one warm-up call,
 then ``--repeats`` interleaved rounds, of which the fastest run of each method counts
@@ -136,6 +140,8 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=None, help="layers (default 2 on CPU, 16 with --gpu)")
     parser.add_argument("--gpu", action="store_true", help="run on CUDA in bf16 with a larger model")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time (c+), the engine with --compile (torch.compile; its compile time is printed apart)")
     parser.add_argument("--large_batch", type=int, default=0,
                         help="also time the engine at this batch size (default 0: skip); the pipeline stays at B")
     parser.add_argument("--max_batch_tokens", default="auto",
@@ -182,6 +188,7 @@ def main(argv=None) -> int:
         pipe = transformers.pipeline("text-generation", model=peft_model, tokenizer=tokenizer, device=device)
         loaded = generation.load_model(str(base), str(adapter), dtype=dtype, device_map=str(device) if args.gpu else None)
         generator = generation.Generator(loaded)
+        compiled = generation.Generator(loaded, compile=True) if args.compile else None
         params = sum(p.numel() for p in loaded.model.parameters())
         weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
         print(f"model: Llama-style, hidden {hidden}, {layers} layers, {params / 1e6:.1f}M parameters, {dtype}, "
@@ -193,6 +200,8 @@ def main(argv=None) -> int:
         one_at_a_time(peft_model, tokenizer, prompts[:1], 2, device)
         with_pipeline(pipe, prompts[:2], 2, 2)
         with_engine(generator, prompts[:2], 2, 2, tmp / "warm.jsonl")
+        if compiled is not None:  # compiling is a one-time cost per process: timed, but apart
+            _, t_compile = timed(lambda: with_engine(compiled, prompts, N, B, tmp / "warm.jsonl", budget))
 
         sync = torch.cuda.synchronize if args.gpu else (lambda: None)
 
@@ -201,6 +210,8 @@ def main(argv=None) -> int:
                    "b": lambda: with_pipeline(pipe, prompts, N, B)}
         if not args.skip_one_at_a_time:
             methods["a"] = lambda: one_at_a_time(peft_model, tokenizer, prompts, N, device)
+        if compiled is not None:
+            methods["c+"] = lambda: with_engine(compiled, prompts, N, B, tmp / "compiled.jsonl", budget)
         if args.large_batch and args.large_batch != B:
             methods["c2"] = lambda: with_engine(generator, prompts, N, args.large_batch, tmp / "large.jsonl", budget)
         runs: dict[str, list] = {key: [] for key in methods}
@@ -212,6 +223,8 @@ def main(argv=None) -> int:
         tokens = stats.completion_tokens
         rows = [("(b) pipeline(batch_size=%d)" % B, best["b"][1], best["b"][0]),
                 ("(c) engine, batch %d" % B, t_engine, engine_texts)]
+        if "c+" in best:
+            rows.append(("(c+) engine --compile, batch %d" % B, best["c+"][1], best["c+"][0][0]))
         if "c2" in best:
             rows.append(("(c') engine, batch %d" % args.large_batch, best["c2"][1], best["c2"][0][0]))
         if "a" in best:
@@ -227,6 +240,12 @@ def main(argv=None) -> int:
         print(f"\nengine vs pipeline, both batch {B}: {t_pipe / t_engine:.2f}x")
         if not args.skip_one_at_a_time:
             print(f"engine vs one prompt at a time: {t_one / t_engine:.1f}x")
+        if "c+" in best:
+            print(f"engine --compile vs pipeline, both batch {B}: {t_pipe / best['c+'][1]:.2f}x; vs one prompt at a "
+                  f"time: {t_one / best['c+'][1]:.1f}x" if "a" in best else
+                  f"engine --compile vs pipeline, both batch {B}: {t_pipe / best['c+'][1]:.2f}x")
+            print(f"  (compiling took place in a first run of {t_compile:.1f} s, against {t_engine:.2f} s for a run "
+                  "without it: a one-time cost per process, like loading the model)")
         if "c2" in best:
             print(f"engine at batch {args.large_batch} vs pipeline at batch {B}: {t_pipe / best['c2'][1]:.2f}x "
                   "(the engine halves a batch on out-of-memory, so a large batch is a safe request)")

@@ -10,6 +10,7 @@ One home for each file format and each shared flag:
 - ``openai_batch``        the Batch API lifecycle behind batch_utils.py (key and id files too)
 - ``local_batch_server``  a local stand-in of the Files + Batches API (tests and the demo)
 - ``generation``          the Hugging Face + LoRA engine behind generate_data_finetuned.py
+- ``kvcache``             the greedy loop's KV cache, which writes each token in place
 - ``tinymodel``           tiny models and LoRA adapters built on the spot (tests and the demo)
 - ``results``             raw results of both routes into one format (reformat_results.py)
 - ``demo``                ``make demo``: both routes end to end, offline

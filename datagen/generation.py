@@ -43,7 +43,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, NamedTuple
 
 from datagen import batchfile, prompts
 from datagen.errors import UserError
@@ -562,9 +562,39 @@ _NEUTRAL_GENERATION = {"repetition_penalty": (None, 1.0), "encoder_repetition_pe
                        "dola_layers": (None,), "assistant_model": (None,), "prompt_lookup_num_tokens": (None,)}
 
 
-def _fast_greedy_inputs(model) -> tuple[str, str | None] | None:
-    """(name of the cache argument, name of the logits_to_keep argument or None) when the
-    engine's own greedy loop computes exactly what ``model.generate`` would; else None.
+class FastGreedy(NamedTuple):
+    """How the engine's own greedy loop calls a model (see ``_fast_greedy_inputs``)."""
+
+    cache_key: str  # name of the KV-cache argument
+    keep_key: str | None  # name of the logits_to_keep argument, if any
+    decode_mask: str | None  # "bool" (sdpa) | "float" (eager): the loop builds decode masks itself
+
+
+def _decode_mask_kind(base) -> str | None:
+    """The 4D mask kind a decode step of ``base`` uses, when the loop can build it itself.
+
+    For one new token of a causal model with full attention in every layer, the mask
+    transformers builds is the padding mask (the query sees every earlier key): a boolean
+    ``(rows, 1, 1, keys)`` tensor for sdpa, the same as 0 / dtype-minimum floats for eager.
+    A prepared 4D mask is passed through as-is, which spares the per-step mask
+    construction (about a fifth of a decode step on a small model). Sliding-window,
+    chunked or bidirectional attention, and other attention kernels, keep transformers' masks.
+    """
+    config = base.config
+    if not getattr(config, "is_causal", True) or getattr(config, "attention_chunk_size", None):
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        if any(kind != "full_attention" for kind in layer_types):
+            return None
+    elif getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return None
+    return {"sdpa": "bool", "eager": "float"}.get(getattr(config, "_attn_implementation", None))
+
+
+def _fast_greedy_inputs(model) -> FastGreedy | None:
+    """How to call ``model`` in the engine's own greedy loop, when that loop computes
+    exactly what ``model.generate`` would; else None.
 
     Only a decoder-only model whose inputs for generation are the standard ones (it
     does not override ``prepare_inputs_for_generation``) and whose generation config
@@ -593,7 +623,9 @@ def _fast_greedy_inputs(model) -> tuple[str, str | None] | None:
     cache_key = "cache" if "cache" in parameters else "past_key_values" if "past_key_values" in parameters else None
     if cache_key is None:
         return None
-    return cache_key, "logits_to_keep" if "logits_to_keep" in parameters else None
+    # An unmerged PeftModel runs the LoRA pass through peft's forward: masks are the base's.
+    return FastGreedy(cache_key, "logits_to_keep" if "logits_to_keep" in parameters else None,
+                      _decode_mask_kind(base))
 
 
 def cut_at_stop(text: str, stops: Iterable[str]) -> tuple[str, bool]:
@@ -609,7 +641,8 @@ def cut_at_stop(text: str, stops: Iterable[str]) -> tuple[str, bool]:
 class Generator:
     """Generates batches of requests on a loaded model."""
 
-    def __init__(self, loaded: LoadedModel, use_chat_template: str = "auto", fast_greedy: bool = True):
+    def __init__(self, loaded: LoadedModel, use_chat_template: str = "auto", fast_greedy: bool = True,
+                 compile: bool = False):
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -619,6 +652,15 @@ class Generator:
         self.has_template = bool(getattr(self.tokenizer, "chat_template", None))
         # None: always use model.generate (asked for, or the model is not one the loop knows).
         self.fast_greedy = _fast_greedy_inputs(self.model) if fast_greedy else None
+        if compile and self.fast_greedy is None:
+            raise UserError("--compile compiles the engine's greedy decoding loop, which "
+                            + ("--use_generate turns off: drop one of the two" if not fast_greedy else
+                               f"{loaded.model_name} cannot use (its generation config adds a logits processor "
+                               "or its inputs are not the standard ones): drop --compile"))
+        self.compile = compile
+        self._compiled = None  # the torch.compile'd model, built on first use
+        self._compile_timed = False
+        self._mask_dtype = self.model.get_input_embeddings().weight.dtype  # eager masks: the activations' dtype
         if use_chat_template == "always" and not self.has_template:
             raise UserError(f"--use_chat_template always: {loaded.model_name} has no chat template; "
                             "use --use_chat_template never or a tokenizer that has one")
@@ -687,7 +729,15 @@ class Generator:
         n = params.num_return_sequences
         sampled_n = n if params.do_sample else 1
         if self.fast_greedy is not None and not params.do_sample and not params.stop:
-            new_tokens = self._greedy(input_ids, attention, params.max_new_tokens)
+            try:
+                new_tokens = self._greedy(input_ids, attention, params.max_new_tokens)
+            except Exception as exc:
+                if not self.compile or is_oom(exc):
+                    raise
+                # A compiler failure (no C++ compiler, an unsupported op, ...) costs speed, not the run.
+                log.warning("--compile: torch.compile failed (%s); decoding without it", _first_line(exc))
+                self.compile = False
+                new_tokens = self._greedy(input_ids, attention, params.max_new_tokens)
             return [[self._sample(tokens, params)] * n for tokens in new_tokens]
         kwargs = dict(max_new_tokens=params.max_new_tokens, do_sample=params.do_sample,
                       num_return_sequences=sampled_n, pad_token_id=self.pad_id,
@@ -718,13 +768,17 @@ class Generator:
         The same computation as ``generate(do_sample=False)`` for a model whose generation
         config adds no logits processor (``_fast_greedy_inputs`` checks): positions from
         the attention mask, a prefill that keeps only the last position's logits, then one
-        token a step, argmax over float32 logits. Rows that produced an EOS leave the
-        batch at once (their KV cache rows are dropped), so a batch costs what its
-        unfinished rows cost. Returns each row's new tokens, up to and including its EOS.
+        token a step, argmax over float32 logits. A decode step gets the 4D mask
+        transformers would build, kept up to date here (see ``_decode_mask_kind``), and
+        the KV cache writes in place (``datagen.kvcache``). Rows
+        that produced an EOS leave the batch at once (their KV cache rows are dropped), so
+        a batch costs what its unfinished rows cost. With ``compile``, decode steps run
+        through ``torch.compile`` (the prefill, one call a batch, stays eager). Returns
+        each row's new tokens, up to and including its EOS.
         """
         import torch
 
-        cache_key, keep_key = self.fast_greedy
+        cache_key, keep_key, mask_kind = self.fast_greedy
         device = self.loaded.device
         input_ids, attention = input_ids.to(device), attention.to(device)
         rows = input_ids.shape[0]
@@ -734,19 +788,30 @@ class Generator:
         outputs: list[list[int]] = [[] for _ in range(rows)]
         alive = list(range(rows))  # batch row -> output row
         extra = {keep_key: 1} if keep_key else {}
-        cache = None
         ended = torch.zeros(rows, dtype=torch.bool, device=device)
+        model, decoder = self.model, self._decoder()
+        from datagen.kvcache import reserved_cache
+
+        # None: the model makes its own cache.
+        cache = reserved_cache(model.config, input_ids.shape[1], max_new_tokens, reserve_all=decoder is not model)
+        mask = attention
         with torch.inference_mode():
             step_ids = input_ids
             for step in range(max_new_tokens):
-                out = self.model(input_ids=step_ids, attention_mask=attention, position_ids=positions,
-                                 use_cache=True, **{cache_key: cache}, **extra)
+                timing = step > 0 and decoder is not model and not self._compile_timed
+                start = time.monotonic()
+                out = (decoder if step else model)(input_ids=step_ids, attention_mask=mask, position_ids=positions,
+                                                   use_cache=True, **{cache_key: cache}, **extra)
+                if timing:
+                    self._compile_timed = True
+                    log.info("--compile: the first compiled decode step took %.1f s", time.monotonic() - start)
                 cache = getattr(out, cache_key)
                 token = out.logits[:, -1, :].float().argmax(-1).to(device)  # last layer may sit elsewhere
                 for row, value in zip(alive, token.tolist()):
                     outputs[row].append(value)
                 if step + 1 == max_new_tokens:
                     break
+                dropped = False
                 if eos is not None:
                     ended |= torch.isin(token, eos)
                     if bool(ended.any()):
@@ -758,10 +823,46 @@ class Generator:
                             token, attention, positions = token[keep], attention[keep], positions[keep]
                             alive = [alive[i] for i in keep.tolist()]
                             ended = ended[keep]
+                            dropped = True
                 step_ids = token[:, None]
                 attention = torch.cat([attention, attention.new_ones((attention.shape[0], 1))], dim=-1)
                 positions = positions[:, -1:] + 1
+                if mask_kind is None:
+                    mask = attention  # transformers builds the mask
+                elif step == 0 or dropped or mask.dim() == 2:
+                    mask = self._decode_mask(attention, mask_kind)
+                else:  # one more key, which every row sees
+                    seen = True if mask_kind == "bool" else 0.0
+                    mask = torch.cat([mask, mask.new_full((mask.shape[0], 1, 1, 1), seen)], dim=-1)
         return outputs
+
+    def _decode_mask(self, attention, kind: str):
+        """The mask transformers builds for a decode step over ``attention`` (rows x keys).
+
+        With no padding it is the 2D mask itself (transformers then needs none, or
+        builds an all-zero one for eager); else a ``(rows, 1, 1, keys)`` tensor: True
+        where a key is seen (sdpa), 0 there and the dtype's minimum elsewhere (eager).
+        """
+        import torch
+
+        if bool(attention.all()):
+            return attention
+        seen = attention.bool()[:, None, None, :]
+        if kind == "bool":
+            return seen
+        dtype = self._mask_dtype
+        return torch.where(seen, torch.zeros((), device=seen.device, dtype=dtype), torch.finfo(dtype).min)
+
+    def _decoder(self):
+        """The model for decode steps: the compiled one with ``compile``."""
+        if not self.compile:
+            return self.model
+        if self._compiled is None:
+            import torch
+
+            log.info("--compile: compiling the decode step with torch.compile (once per process)")
+            self._compiled = torch.compile(self.model, dynamic=True)
+        return self._compiled
 
     def _sample(self, tokens: list[int], params: GenParams) -> Sample:
         """Tokens of one row into text: cut at the first EOS, then at the first stop string."""
@@ -928,7 +1029,7 @@ def run_generation(generator: Generator, requests: Iterable[Request], output: Pa
             log.info("resuming: %d of %d requests already in %s; %d to go", stats.skipped, len(ids), output, todo)
         started = time.monotonic()
         bar = progress(total=todo, desc="generating", unit="req", **({} if show_progress else {"disable": True}))
-        warned: set[GenParams] = set()
+        warned: set = set()  # parameters already warned about
         try:
             with AppendJsonl(output) as sink:
                 window: list[Request] = []
@@ -959,6 +1060,10 @@ def _run_window(generator, window, overrides, stats, sink, bar, started, warned)
             warned.add(params)
             log.warning("requests ask for n=%d with greedy decoding: their samples are identical; "
                         "add --do_sample or a temperature above 0 for different samples", params.num_return_sequences)
+        if generator.compile and (params.do_sample or params.stop) and ("compile", params) not in warned:
+            warned.add(("compile", params))
+            log.warning("--compile speeds up greedy decoding only: requests %s go through model.generate, "
+                        "uncompiled", "that sample" if params.do_sample else "with stop strings")
         for request in group:
             request.input_ids = generator.encode(request)
         generator.check_lengths(group, params)

@@ -274,20 +274,21 @@ def test_token_budget_keeps_greedy_output_and_input_order(merged, tmp_path):
         assert texts(tmp_path / f"{name}.jsonl") == texts(tmp_path / "one.jsonl")
 
 
-def test_fast_greedy_loop_equals_generate_and_drops_finished_rows(merged, tmp_path):
+def _loop_equals_generate(loaded, mask_kind):
     """The engine's own greedy loop gives model.generate's tokens, also when rows end early
     (an EOS mid-batch: the row leaves the batch, the others go on unchanged)."""
-    generator = generation.Generator(merged)
-    assert generator.fast_greedy is not None  # the tiny Llama qualifies
+    import torch
+
+    generator = generation.Generator(loaded)
+    assert generator.fast_greedy is not None and generator.fast_greedy.decode_mask == mask_kind
     batch = [generator.encode(r) for r in requests_for(8)]
+    assert len(set(map(len, batch))) > 1  # padded rows: the decode masks matter
     params = generation.GenParams(max_new_tokens=12)
-    slow = generation.Generator(merged)
+    slow = generation.Generator(loaded)
     slow.fast_greedy = None  # model.generate
     reference = slow.generate_batch(batch, params)
     assert generator.generate_batch(batch, params) == reference
     # Make a token that some rows produce mid-way an EOS: those rows stop there.
-    import torch
-
     width = max(map(len, batch))
     input_ids = torch.tensor([[generator.pad_id] * (width - len(ids)) + ids for ids in batch])
     attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
@@ -303,6 +304,97 @@ def test_fast_greedy_loop_equals_generate_and_drops_finished_rows(merged, tmp_pa
     assert fast_out == slow_out
     finish = [s[0].finish_reason for s in fast_out]
     assert "stop" in finish and "length" in finish  # some rows ended early, some ran to the end
+
+
+def test_fast_greedy_loop_equals_generate_and_drops_finished_rows(merged):
+    _loop_equals_generate(merged, "bool")
+
+
+@pytest.mark.parametrize("arch,attention,mask_kind", [
+    ("llama", "eager", "float"), ("qwen2", "sdpa", "bool"), ("qwen2", "eager", "float"),
+    ("gpt2", "sdpa", "bool"), ("gpt2", "eager", "float")])
+def test_fast_greedy_loop_across_models_and_attention_kernels(tiny, arch, attention, mask_kind):
+    """The loop builds the decode masks itself for sdpa (boolean) and eager (float) attention;
+    on every tiny architecture, unmerged adapters included, the tokens are generate's."""
+    base = tiny["base"] if arch == "llama" else tinymodel.build_tiny_model(tiny["root"] / f"{arch}-{attention}", arch=arch)
+    adapter = tiny["adapter"] if arch == "llama" else tinymodel.build_tiny_adapter(
+        base, tiny["root"] / f"{arch}-{attention}-adapter", seed=1)
+    for merge in (True, False):
+        loaded = generation.load_model(str(base), str(adapter), merge=merge)
+        loaded.model.set_attn_implementation(attention)
+        _loop_equals_generate(loaded, mask_kind)
+
+
+def test_decode_masks_only_where_transformers_builds_the_padding_mask():
+    """Sliding-window layers, chunked attention and other kernels keep transformers' own masks."""
+    import transformers
+
+    def kind(config, attention="sdpa"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+        model.config._attn_implementation = attention  # as loading with that kernel records it
+        return generation._decode_mask_kind(model)
+
+    small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=2, vocab_size=64)
+    assert kind(transformers.LlamaConfig(**small)) == "bool"
+    assert kind(transformers.LlamaConfig(**small), "eager") == "float"
+    assert kind(transformers.Qwen2Config(**small)) == "bool"  # sliding window off: full attention
+    assert kind(transformers.Qwen2Config(**small, use_sliding_window=True, sliding_window=8, max_window_layers=0)) is None
+    assert kind(transformers.MistralConfig(**small, sliding_window=8)) is None
+    assert kind(transformers.MistralConfig(**small, sliding_window=None)) == "bool"
+    assert kind(transformers.LlamaConfig(**small), "flash_attention_2") is None
+
+
+def test_compile_gives_the_same_greedy_text(tiny, capsys, caplog, monkeypatch, tmp_path):
+    """--compile runs the decode steps through torch.compile (inductor: real C++ kernels on CPU)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    write_prompts(count=6)  # two batches of different widths
+    base = ["--model_name_or_path", tiny["base"], "--adapter_path", tiny["adapter"], "--input_file", "prompts.jsonl",
+            "--max_new_tokens", "10", "--batch_size", "3", "--max_batch_tokens", "0"]
+    assert run_main(capsys, *base, "--output_file", "eager.jsonl")[0] == 0
+    with caplog.at_level("INFO", logger="datagen"):
+        code, _, err = run_main(capsys, *base, "--output_file", "compiled.jsonl", "--compile")
+    assert code == 0, err
+    assert "the first compiled decode step took" in caplog.text
+    assert "torch.compile failed" not in caplog.text
+    assert texts("compiled.jsonl") == texts("eager.jsonl") and len(texts("eager.jsonl")) == 6
+
+
+def test_compile_failure_falls_back_without_losing_the_run(tiny, tmp_path):
+    """No working C++ compiler (as on some cluster nodes): a warning, then the same text, uncompiled."""
+    write_prompts(count=3)
+    args = [sys.executable, str(ROOT / "generate_data_finetuned.py"), "--model_name_or_path", str(tiny["base"]),
+            "--input_file", "prompts.jsonl", "--max_new_tokens", "4", "--batch_size", "4"]
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    plain = subprocess.run(args + ["--output_file", "plain.jsonl"], capture_output=True, text=True, env=env)
+    assert plain.returncode == 0, plain.stderr
+    broken = subprocess.run(args + ["--output_file", "compiled.jsonl", "--compile"], capture_output=True, text=True,
+                            env={**env, "CXX": "/bin/false"})
+    assert broken.returncode == 0, broken.stderr
+    assert "--compile: torch.compile failed" in broken.stderr
+    assert texts("compiled.jsonl") == texts("plain.jsonl") and len(texts("plain.jsonl")) == 3
+
+
+def test_compile_refused_where_it_cannot_apply(tiny, capsys, caplog):
+    import json as _json
+
+    write_prompts(count=2)
+    common = ["--input_file", "prompts.jsonl", "--output_file", "out.jsonl", "--compile", "--max_new_tokens", "3"]
+    code, _, err = run_main(capsys, "--model_name_or_path", tiny["base"], *common, "--use_generate")
+    assert code == 1 and "--use_generate turns off: drop one of the two" in err and len(err.strip().splitlines()) == 1
+    # A model whose generation config adds a logits processor never uses the loop.
+    penalised = tinymodel.build_tiny_model(tiny["root"] / "penalised", seed=0)
+    config_file = Path(penalised) / "generation_config.json"
+    config_file.write_text(_json.dumps({**_json.loads(config_file.read_text()), "repetition_penalty": 1.3}))
+    code, _, err = run_main(capsys, "--model_name_or_path", penalised, *common)
+    assert code == 1 and "cannot use (its generation config adds a logits processor" in err
+    assert not Path("out.jsonl").exists()
+    # Sampling goes through model.generate: said once, and the run goes on.
+    with caplog.at_level("WARNING", logger="datagen"):
+        code, _, err = run_main(capsys, "--model_name_or_path", tiny["base"], *common, "--do_sample")
+    assert code == 0, err
+    assert caplog.text.count("--compile speeds up greedy decoding only: requests that sample") == 1
+    assert len(texts("out.jsonl")) == 2
 
 
 def test_fast_greedy_only_where_generate_adds_nothing(merged):
