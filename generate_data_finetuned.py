@@ -100,8 +100,9 @@ def build_parser():
                  help="decode greedy batches with model.generate too, instead of the engine's own loop that "
                       "drops finished rows (same text, slower; for a model the loop handles wrongly)")
     cli.add_flag(run, "compile", action="store_true",
-                 help="run the greedy loop's decode steps through torch.compile: faster steps after a one-time "
-                      "compile (seconds to a minute, per process; needs a C++ compiler on CPU); the same text. "
+                 help="run the greedy loop's model calls (prefill and decode steps) through torch.compile: "
+                      "faster after a one-time compile (seconds to a minute, per process; needs a C++ compiler "
+                      "on CPU); the same text. "
                       "Sampling and stop strings go through model.generate, uncompiled")
     cli.add_flag(run, "dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                  help="weights dtype; auto = bfloat16 on a GPU, float32 on CPU")

@@ -23,7 +23,8 @@ base + adapter:
   records appended to a file as a run would.
 
 With ``--compile`` it also times (c+), the engine with ``--compile`` (``torch.compile``
-of the decode steps), after a first run that compiles, whose time is printed apart.
+of the greedy loop's prefill and decode steps), after a first run that compiles, whose
+time is printed apart.
 
 It checks that the methods produce identical greedy text (fp32 on CPU; in bf16 the merged
 weights round differently, so on GPU it reports how many match), and prints tokens per

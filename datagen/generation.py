@@ -659,7 +659,7 @@ class Generator:
                                "or its inputs are not the standard ones): drop --compile"))
         self.compile = compile
         self._compiled = None  # the torch.compile'd model, built on first use
-        self._compile_timed = False
+        self._compile_timed = [False, False]  # prefill, decode step: compile time logged once
         self._mask_dtype = self.model.get_input_embeddings().weight.dtype  # eager masks: the activations' dtype
         if use_chat_template == "always" and not self.has_template:
             raise UserError(f"--use_chat_template always: {loaded.model_name} has no chat template; "
@@ -683,20 +683,38 @@ class Generator:
 
     def encode(self, request: Request) -> list[int]:
         """Token ids of the prompt; the chat template renders conversations, without a second BOS."""
-        if not self.wants_chat(request):
-            return self.tokenizer(request.text, add_special_tokens=True)["input_ids"]
+        return self.encode_many([request])[0]
+
+    def encode_many(self, requests: list[Request]) -> list[list[int]]:
+        """``encode`` for each request, in one tokenizer call per kind of prompt: a fast
+        tokenizer encodes a list in parallel, in one call from Python."""
+        result: list[list[int] | None] = [None] * len(requests)
+        plain, chat = [], []
+        for pos, request in enumerate(requests):
+            (chat if self.wants_chat(request) else plain).append(pos)
+        if plain:
+            encoded = self.tokenizer([requests[pos].text for pos in plain], add_special_tokens=True)["input_ids"]
+            for pos, ids in zip(plain, encoded):
+                result[pos] = ids
+        if chat:
+            # The rendered text already holds the template's BOS: add no second one.
+            encoded = self.tokenizer([self._render_chat(requests[pos]) for pos in chat],
+                                     add_special_tokens=False)["input_ids"]
+            for pos, ids in zip(chat, encoded):
+                result[pos] = ids
+        return result
+
+    def _render_chat(self, request: Request) -> str:
         if not self.has_template:
             raise UserError(f"{request.where}: {self.loaded.model_name} has no chat template, so it cannot "
                             "take a conversation; give plain text prompts (--prompt_field) or a tokenizer "
                             "with a chat template")
         messages = request.messages if request.messages is not None else [{"role": "user", "content": request.text}]
         try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as exc:  # jinja errors, e.g. a template that refuses a system turn
             raise UserError(f"{request.where}: the chat template refused this conversation "
                             f"({_first_line(exc)})") from None
-        # The rendered text already holds the template's BOS: add no second one.
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def check_lengths(self, requests: list[Request], params: GenParams) -> None:
         """Warn (once per window) about prompts longer than the model's context allows."""
@@ -721,11 +739,12 @@ class Generator:
 
         tokenizer = self.tokenizer
         width = max(len(ids) for ids in batch_ids)
-        input_ids = torch.full((len(batch_ids), width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(batch_ids), width), dtype=torch.long)
-        for row, ids in enumerate(batch_ids):
-            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            attention[row, width - len(ids):] = 1
+        with torch.inference_mode():  # inference tensors, as every later one (a compiled model sees one kind)
+            input_ids = torch.full((len(batch_ids), width), self.pad_id, dtype=torch.long)
+            attention = torch.zeros((len(batch_ids), width), dtype=torch.long)
+            for row, ids in enumerate(batch_ids):
+                input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+                attention[row, width - len(ids):] = 1
         n = params.num_return_sequences
         sampled_n = n if params.do_sample else 1
         if self.fast_greedy is not None and not params.do_sample and not params.stop:
@@ -769,72 +788,76 @@ class Generator:
         config adds no logits processor (``_fast_greedy_inputs`` checks): positions from
         the attention mask, a prefill that keeps only the last position's logits, then one
         token a step, argmax over float32 logits. A decode step gets the 4D mask
-        transformers would build, kept up to date here (see ``_decode_mask_kind``), and
-        the KV cache writes in place (``datagen.kvcache``). Rows
+        transformers would build (see ``_decode_mask_kind``), made once a batch for all its
+        steps (each step's is a view), and the KV cache writes in place
+        (``datagen.kvcache``); EOS checks run on the tokens in Python, which the loop reads
+        anyway: few tensor operations besides the model's a step. Rows
         that produced an EOS leave the batch at once (their KV cache rows are dropped), so
-        a batch costs what its unfinished rows cost. With ``compile``, decode steps run
-        through ``torch.compile`` (the prefill, one call a batch, stays eager). Returns
+        a batch costs what its unfinished rows cost. With ``compile``, the prefill and the
+        decode steps run through ``torch.compile`` (two graphs, shapes dynamic). Returns
         each row's new tokens, up to and including its EOS.
         """
         import torch
 
-        cache_key, keep_key, mask_kind = self.fast_greedy
-        device = self.loaded.device
-        input_ids, attention = input_ids.to(device), attention.to(device)
-        rows = input_ids.shape[0]
-        positions = attention.cumsum(-1) - 1
-        positions.masked_fill_(attention == 0, 0)
-        eos = torch.tensor(sorted(self.eos_ids), dtype=torch.long, device=device) if self.eos_ids else None
-        outputs: list[list[int]] = [[] for _ in range(rows)]
-        alive = list(range(rows))  # batch row -> output row
-        extra = {keep_key: 1} if keep_key else {}
-        ended = torch.zeros(rows, dtype=torch.bool, device=device)
-        model, decoder = self.model, self._decoder()
-        from datagen.kvcache import reserved_cache
+        with torch.inference_mode():  # every tensor an inference tensor: a compiled model sees one kind
+            cache_key, keep_key, mask_kind = self.fast_greedy
+            device = self.loaded.device
+            input_ids, attention = input_ids.to(device), attention.to(device)
+            rows, width = input_ids.shape
+            positions = attention.cumsum(-1) - 1
+            positions.masked_fill_(attention == 0, 0)
+            eos_ids = self.eos_ids
+            outputs: list[list[int]] = [[] for _ in range(rows)]
+            alive = list(range(rows))  # batch row -> output row
+            ended = [False] * rows  # per batch row (rows stay when the cache cannot drop them)
+            extra = {keep_key: 1} if keep_key else {}
+            model = self.model
+            forward = self._forward_model()  # the model, or with compile the compiled model
+            from datagen.kvcache import reserved_cache
 
-        # None: the model makes its own cache.
-        cache = reserved_cache(model.config, input_ids.shape[1], max_new_tokens, reserve_all=decoder is not model)
-        mask = attention
-        with torch.inference_mode():
+            # None: the model makes its own cache.
+            cache = reserved_cache(model.config, width, max_new_tokens, reserve_all=forward is not model)
+            # The decode steps' masks, all built at once: the prompt's padding mask, then every
+            # new key seen. Step k's mask is a view of the first width + k keys.
+            full_attention = torch.cat([attention, attention.new_ones((rows, max_new_tokens))], dim=-1)
+            full_mask = full_attention if mask_kind is None else self._decode_mask(full_attention, mask_kind)
+            mask = attention
             step_ids = input_ids
             for step in range(max_new_tokens):
-                timing = step > 0 and decoder is not model and not self._compile_timed
+                timing = step < 2 and forward is not model and not self._compile_timed[step]
                 start = time.monotonic()
-                out = (decoder if step else model)(input_ids=step_ids, attention_mask=mask, position_ids=positions,
-                                                   use_cache=True, **{cache_key: cache}, **extra)
+                out = forward(input_ids=step_ids, attention_mask=mask, position_ids=positions,
+                              use_cache=True, **{cache_key: cache}, **extra)
                 if timing:
-                    self._compile_timed = True
-                    log.info("--compile: the first compiled decode step took %.1f s", time.monotonic() - start)
+                    self._compile_timed[step] = True
+                    log.info("--compile: the first compiled %s took %.1f s", ("prefill", "decode step")[step],
+                             time.monotonic() - start)
                 cache = getattr(out, cache_key)
                 token = out.logits[:, -1, :].float().argmax(-1).to(device)  # last layer may sit elsewhere
-                for row, value in zip(alive, token.tolist()):
+                values = token.tolist()
+                for row, value in zip(alive, values):
                     outputs[row].append(value)
                 if step + 1 == max_new_tokens:
                     break
-                dropped = False
-                if eos is not None:
-                    ended |= torch.isin(token, eos)
-                    if bool(ended.any()):
-                        keep = (~ended).nonzero().flatten()
-                        if keep.numel() == 0:
+                if eos_ids:
+                    ended = [done or value in eos_ids for done, value in zip(ended, values)]
+                    if True in ended:
+                        keep = [row for row, done in enumerate(ended) if not done]
+                        if not keep:
                             break
                         if hasattr(cache, "batch_select_indices"):  # else the ended rows run on, cut later
-                            cache.batch_select_indices(keep.cpu())  # layers may sit on several devices
-                            token, attention, positions = token[keep], attention[keep], positions[keep]
-                            alive = [alive[i] for i in keep.tolist()]
-                            ended = ended[keep]
-                            dropped = True
+                            index = torch.tensor(keep)
+                            cache.batch_select_indices(index)  # on CPU: layers may sit on several devices
+                            index = index.to(device)
+                            token, positions, full_attention = token[index], positions[index], full_attention[index]
+                            full_mask = (full_attention if mask_kind is None else
+                                         self._decode_mask(full_attention, mask_kind))
+                            alive = [alive[row] for row in keep]
+                            ended = [False] * len(keep)
                 step_ids = token[:, None]
-                attention = torch.cat([attention, attention.new_ones((attention.shape[0], 1))], dim=-1)
                 positions = positions[:, -1:] + 1
-                if mask_kind is None:
-                    mask = attention  # transformers builds the mask
-                elif step == 0 or dropped or mask.dim() == 2:
-                    mask = self._decode_mask(attention, mask_kind)
-                else:  # one more key, which every row sees
-                    seen = True if mask_kind == "bool" else 0.0
-                    mask = torch.cat([mask, mask.new_full((mask.shape[0], 1, 1, 1), seen)], dim=-1)
-        return outputs
+                mask = full_mask[..., :width + step + 1]
+            return outputs
 
     def _decode_mask(self, attention, kind: str):
         """The mask transformers builds for a decode step over ``attention`` (rows x keys).
@@ -853,14 +876,14 @@ class Generator:
         dtype = self._mask_dtype
         return torch.where(seen, torch.zeros((), device=seen.device, dtype=dtype), torch.finfo(dtype).min)
 
-    def _decoder(self):
-        """The model for decode steps: the compiled one with ``compile``."""
+    def _forward_model(self):
+        """The model the loop calls: the compiled one with ``compile``."""
         if not self.compile:
             return self.model
         if self._compiled is None:
             import torch
 
-            log.info("--compile: compiling the decode step with torch.compile (once per process)")
+            log.info("--compile: compiling the model with torch.compile (once per process)")
             self._compiled = torch.compile(self.model, dynamic=True)
         return self._compiled
 
@@ -1064,8 +1087,8 @@ def _run_window(generator, window, overrides, stats, sink, bar, started, warned)
             warned.add(("compile", params))
             log.warning("--compile speeds up greedy decoding only: requests %s go through model.generate, "
                         "uncompiled", "that sample" if params.do_sample else "with stop strings")
-        for request in group:
-            request.input_ids = generator.encode(request)
+        for request, ids in zip(group, generator.encode_many(group)):
+            request.input_ids = ids
         generator.check_lengths(group, params)
         stats.batch_size = _run_group(generator, group, params, stats, sink, bar, started)
         for request in group:

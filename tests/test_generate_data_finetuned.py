@@ -146,6 +146,11 @@ def test_chat_template_has_one_bos(merged):
         generator.encode(generation.Request("m", 0, "x", messages=[{"role": "user", "content": "hello"}]))
     raw = generator.encode(generation.Request("r", 0, "x", text="hello", raw=True))
     assert raw == tok("hello")["input_ids"] and raw.count(tok.bos_token_id) == 1
+    # A run tokenizes a window in one call per kind of prompt: the same ids, in the requests' order.
+    mixed = [generation.Request("p", 0, "x", text="a longer plain prompt about rivers"), conversation,
+             generation.Request("r", 1, "x", text="hello", raw=True), generation.Request("t", 2, "x", text="hello")]
+    assert generator.encode_many(mixed) == [generator.encode(r) for r in mixed]
+    assert generator.encode_many(mixed)[2] == raw and generator.encode_many(mixed)[1] == ids
 
 
 def test_stop_string_is_cut(merged, tmp_path):
@@ -346,7 +351,7 @@ def test_decode_masks_only_where_transformers_builds_the_padding_mask():
 
 
 def test_compile_gives_the_same_greedy_text(tiny, capsys, caplog, monkeypatch, tmp_path):
-    """--compile runs the decode steps through torch.compile (inductor: real C++ kernels on CPU)."""
+    """--compile runs the prefill and decode steps through torch.compile (inductor: real C++ kernels on CPU)."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     write_prompts(count=6)  # two batches of different widths
     base = ["--model_name_or_path", tiny["base"], "--adapter_path", tiny["adapter"], "--input_file", "prompts.jsonl",
@@ -355,7 +360,7 @@ def test_compile_gives_the_same_greedy_text(tiny, capsys, caplog, monkeypatch, t
     with caplog.at_level("INFO", logger="datagen"):
         code, _, err = run_main(capsys, *base, "--output_file", "compiled.jsonl", "--compile")
     assert code == 0, err
-    assert "the first compiled decode step took" in caplog.text
+    assert "the first compiled prefill took" in caplog.text and "the first compiled decode step took" in caplog.text
     assert "torch.compile failed" not in caplog.text
     assert texts("compiled.jsonl") == texts("eager.jsonl") and len(texts("eager.jsonl")) == 6
 
