@@ -46,16 +46,13 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple
 
 from datagen import batchfile, prompts
+from datagen.engine import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_SEED, DEFAULT_TEMPERATURE, DEFAULT_TOP_P,  # noqa: F401
+                            GenParams, Sample)
 from datagen.errors import UserError
 from datagen.jsonl import AppendJsonl, atomic_writer, iter_jsonl, repair_torn_tail
 
 log = logging.getLogger("datagen")
 
-# Defaults for parameters that neither the command line nor a batch line sets.
-DEFAULT_MAX_NEW_TOKENS = 256
-DEFAULT_TEMPERATURE = 1.0  # when sampling without a temperature (OpenAI's default)
-DEFAULT_TOP_P = 1.0
-DEFAULT_SEED = 0
 SORT_WINDOW = 8192  # requests read, sorted by length and generated together (bounds memory)
 BUDGET_ROWS_FACTOR = 8  # with a token budget, a batch holds at most this many times --batch_size prompts
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -243,25 +240,6 @@ def check_requests(input_file, prompt_options=None, input_format="auto", split=N
 
 
 # --- generation parameters -----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GenParams:
-    """The effective parameters of one request; requests batch together only when equal."""
-
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    do_sample: bool = False
-    temperature: float | None = None  # None when greedy
-    top_p: float | None = None  # None when greedy
-    seed: int = DEFAULT_SEED
-    num_return_sequences: int = 1
-    stop: tuple[str, ...] = ()
-
-    def record(self, dtype: str, merged: bool) -> dict:
-        return {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,
-                "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
-                "num_return_sequences": self.num_return_sequences, "stop": list(self.stop),
-                "dtype": dtype, "merged": merged}
 
 
 @dataclass
@@ -529,13 +507,6 @@ def setup_padding(tokenizer, model) -> None:
 
 
 # --- generating --------------------------------------------------------------------
-
-
-@dataclass
-class Sample:
-    text: str
-    finish_reason: str  # "stop" | "length"
-    completion_tokens: int
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
