@@ -25,14 +25,47 @@ from datagen.errors import UserError
 log = logging.getLogger("datagen")
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the docstring's example commands as written and shows every default."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the docstring's example commands as written; each flag's aliases and metavar
+    once (``--input_file, --input-file PATH``); a default shown once, and only when it says
+    something (not None, not off, not one the help text already states)."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings or action.nargs == 0:
+            return super()._format_action_invocation(action)
+        return f"{', '.join(action.option_strings)} {self._format_args(action, self._get_default_metavar_for_optional(action))}"
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text.lower() or "%(default)" in text or action.required or default is None
+                or default is False or default is argparse.SUPPRESS or default == [] or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _split_examples(doc: str) -> tuple[str, str | None]:
+    """A script docstring's indented example commands go to the end of --help."""
+    lines = doc.strip("\n").splitlines()
+    examples, rest = [], []
+    for line in lines:
+        starts = line.startswith("    ") and line.strip().split(" ", 1)[0] in ("python", "sbatch", "bash")
+        continues = line.startswith("        ") and examples and examples[-1].rstrip().endswith("\\")
+        (examples if starts or continues else rest).append(line)
+    if not examples:
+        return doc, None
+    description = "\n".join(rest).strip("\n")
+    while "\n\n\n" in description:
+        description = description.replace("\n\n\n", "\n\n")
+    return description, "examples:\n" + "\n".join(examples)
 
 
 def make_parser(doc: str | None, prog: str | None = None) -> argparse.ArgumentParser:
-    """A parser whose description is the script's docstring (examples included)."""
+    """A parser whose description is the script's docstring, its example commands last."""
+    description, epilog = _split_examples(doc) if doc else (None, None)
     # allow_abbrev=False: a typo like --output_fil must fail, not silently match a flag.
-    return argparse.ArgumentParser(prog=prog, description=doc, formatter_class=HelpFormatter, allow_abbrev=False)
+    return argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
+                                   formatter_class=HelpFormatter, allow_abbrev=False)
 
 
 def add_flag(group, name: str, *more: str, **kwargs) -> argparse.Action:
