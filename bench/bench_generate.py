@@ -96,11 +96,11 @@ def with_pipeline(pipe, prompts, max_new_tokens, batch_size):
 
 
 def with_engine(generator, prompts, max_new_tokens, batch_size, out_path, max_batch_tokens=None):
-    from datagen import generation
+    from datagen import generation, inputs
 
-    requests = [generation.Request(f"r{i}", i, f"prompt {i}", text=p, raw=True) for i, p in enumerate(prompts)]
+    requests = [inputs.Request(f"r{i}", i, f"prompt {i}", text=p, raw=True) for i, p in enumerate(prompts)]
     out_path.unlink(missing_ok=True)
-    stats = generation.run_generation(generator, requests, out_path, generation.Overrides(max_new_tokens=max_new_tokens),
+    stats = generation.run_generation(generator, requests, out_path, inputs.Overrides(temperature=0, max_new_tokens=max_new_tokens),
                                       batch_size, show_progress=False, max_batch_tokens=max_batch_tokens)
     with open(out_path, encoding="utf-8") as handle:
         by_id = {r["custom_id"]: r for r in map(json.loads, handle)}
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     import transformers
     from peft import PeftModel
 
-    from datagen import generation, tinymodel
+    from datagen import engine_hf, hf_model, tinymodel
 
     warnings.filterwarnings("ignore")
     transformers.utils.logging.set_verbosity_error()
@@ -187,9 +187,9 @@ def main(argv=None) -> int:
             transformers.AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype)), str(adapter))
         peft_model.to(device).eval()
         pipe = transformers.pipeline("text-generation", model=peft_model, tokenizer=tokenizer, device=device)
-        loaded = generation.load_model(str(base), str(adapter), dtype=dtype, device_map=str(device) if args.gpu else None)
-        generator = generation.Generator(loaded)
-        compiled = generation.Generator(loaded, compile=True) if args.compile else None
+        loaded = hf_model.load_model(str(base), str(adapter), dtype=dtype, device_map=str(device) if args.gpu else None)
+        generator = engine_hf.HFEngine(loaded)
+        compiled = engine_hf.HFEngine(loaded, compile=True) if args.compile else None
         params = sum(p.numel() for p in loaded.model.parameters())
         weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
         print(f"model: Llama-style, hidden {hidden}, {layers} layers, {params / 1e6:.1f}M parameters, {dtype}, "

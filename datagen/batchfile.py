@@ -9,9 +9,12 @@ files ``STEM.part-001.jsonl``, ``STEM.part-002.jsonl``, ... (``part_path``).
 - ``BatchFileWriter``: streams lines into temporary files, split at the limits, and
   renames them into place only on ``commit()``
 - ``iter_batch_requests(path)`` / ``check_batch_file(path)``: read and validate a batch
-  input file (line shape, one url, one model, unique ids, limits), with file:line errors
+  input file (line shape, one url, one model, unique ids, limits, and every body through
+  ``datagen.params.check_body``), with file:line errors
 - ``request_to_prompt(request)``: a batch line back into a Prompt plus its sampling
   parameters, so the fine-tuned route answers the very same requests
+- ``estimate_tokens(url, body)``: the tokens one request counts against the API's
+  enqueued-token limit, as the suite estimates them (the local stand-in uses the same)
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from datagen import params as api_params
 from datagen.cli import add_flag
 from datagen.errors import UserError
 from datagen.jsonl import dumps_bytes, iter_jsonl, temp_path_beside
@@ -41,6 +45,8 @@ MAX_BYTES = 200_000_000  # bytes per input file (OpenAI: 200 MB)
 
 # The body field that caps output length, per endpoint.
 MAX_TOKENS_FIELD = {CHAT: "max_completion_tokens", RESPONSES: "max_output_tokens", COMPLETIONS: "max_tokens"}
+CHARS_PER_TOKEN = 4  # rough English average: the token estimates are characters / 4, rounded up
+MESSAGE_OVERHEAD_CHARS = 4 * CHARS_PER_TOKEN  # a chat format spends about 4 tokens per message
 # Which generation parameters each endpoint accepts.
 SUPPORTED = {
     CHAT: {"temperature", "top_p", "max_tokens", "seed", "n", "stop", "response_format"},
@@ -66,6 +72,60 @@ class GenParams:
     def given(self) -> list[str]:
         return [name for name in ("temperature", "top_p", "max_tokens", "seed", "n", "stop", "response_format")
                 if getattr(self, name) is not None]
+
+
+# --- token estimates (the enqueued-token limit) ------------------------------------
+
+
+def _text_chars(value: Any) -> int:
+    """Characters of text in a prompt, input, instructions or messages value (message
+    contents and content parts included, plus a per-message overhead)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        total = 0
+        for item in value:
+            if isinstance(item, dict):
+                inner = item.get("content") if "content" in item else item.get("text")
+                total += _text_chars(inner) + (MESSAGE_OVERHEAD_CHARS if "role" in item else 0)
+            else:
+                total += _text_chars(item)
+        return total
+    return 0
+
+
+def input_tokens(body: dict) -> int:
+    """Estimated input tokens of one request body: its text characters / 4, rounded up
+    (at least 1)."""
+    chars = sum(_text_chars(body.get(key)) for key in ("messages", "input", "prompt", "instructions"))
+    return max(1, -(-chars // CHARS_PER_TOKEN))
+
+
+def output_tokens(url: str, body: dict) -> int:
+    """The most output tokens one request may produce: its token cap x n (0 without a cap)."""
+    cap = body.get(MAX_TOKENS_FIELD.get(url, "max_tokens"))
+    if url == CHAT and cap is None:
+        cap = body.get("max_tokens")  # the older spelling chat still takes
+    n = body.get("n") if isinstance(body.get("n"), int) else 1
+    return cap * n if isinstance(cap, int) and not isinstance(cap, bool) else 0
+
+
+def estimate_tokens(url: str, body: dict) -> int:
+    """Tokens one request counts against a model's enqueued-token limit: estimated input
+    tokens plus the requested output cap. The client and the local stand-in share it."""
+    return input_tokens(body) + output_tokens(url, body)
+
+
+def add_price_args(group) -> None:
+    """--input_price / --output_price (USD per 1M tokens), for cost estimates and reports."""
+    add_flag(group, "input_price", type=float, default=None, metavar="USD",
+             help="price per 1M input tokens, for the cost estimate")
+    add_flag(group, "output_price", type=float, default=None, metavar="USD",
+             help="price per 1M output tokens; the estimate assumes --max_tokens x n per request")
+
+
+def usd(amount: float) -> str:
+    return f"${amount:,.2f}" if amount >= 1 else f"${amount:.4f}"
 
 
 def check_endpoint(endpoint: str) -> str:
@@ -103,8 +163,27 @@ def load_response_format(path: str) -> dict:
     return {"name": name, "schema": schema, "strict": True}
 
 
+def param_fields(endpoint: str, params: GenParams) -> dict:
+    """The body fields the generation parameters set, under the endpoint's own names."""
+    fields: dict[str, Any] = {}
+    for name in ("temperature", "top_p", "seed", "n", "stop"):
+        value = getattr(params, name)
+        if value is not None:
+            fields[name] = value
+    if params.max_tokens is not None:
+        fields[MAX_TOKENS_FIELD[endpoint]] = params.max_tokens
+    if params.response_format is not None:
+        if endpoint == CHAT:
+            fields["response_format"] = {"type": "json_schema", "json_schema": params.response_format}
+        else:
+            fields["text"] = {"format": {"type": "json_schema", **params.response_format}}
+    fields.update(params.extra_body)
+    return fields
+
+
 def build_body(endpoint: str, model: str, prompt: Prompt, params: GenParams) -> dict:
-    """The request body for one prompt, in the shape ``endpoint`` expects."""
+    """The request body for one prompt, in the shape ``endpoint`` expects (unchecked:
+    ``datagen.params.check_body`` checks it)."""
     body: dict[str, Any] = {"model": model}
     if endpoint == CHAT:
         body["messages"] = prompt.chat_messages()
@@ -119,18 +198,7 @@ def build_body(endpoint: str, model: str, prompt: Prompt, params: GenParams) -> 
         if prompt.system:
             raise UserError(f"--system_prompt is not supported by {endpoint}; put it in --prompt_template instead")
         body["prompt" if endpoint == COMPLETIONS else "input"] = prompt.text
-    for name in ("temperature", "top_p", "seed", "n", "stop"):
-        value = getattr(params, name)
-        if value is not None:
-            body[name] = value
-    if params.max_tokens is not None:
-        body[MAX_TOKENS_FIELD[endpoint]] = params.max_tokens
-    if params.response_format is not None:
-        if endpoint == CHAT:
-            body["response_format"] = {"type": "json_schema", "json_schema": params.response_format}
-        else:
-            body["text"] = {"format": {"type": "json_schema", **params.response_format}}
-    body.update(params.extra_body)
+    body.update(param_fields(endpoint, params))
     return body
 
 
@@ -142,26 +210,33 @@ def add_request_args(parser: argparse.ArgumentParser) -> None:
     """Endpoint and generation flags of a batch request (only given ones are sent)."""
     group = parser.add_argument_group("request (each parameter is sent only when given)")
     add_flag(group, "endpoint", default=CHAT, help=f"Batch API endpoint: {', '.join(ENDPOINTS)}")
-    add_flag(group, "temperature", type=float, default=None, help="sampling temperature")
-    add_flag(group, "top_p", type=float, default=None, help="nucleus sampling mass")
-    add_flag(group, "max_tokens", type=int, default=None,
+    add_flag(group, "temperature", type=api_params.temperature_flag, default=None,
+             help="sampling temperature, 0 to 2 (0: greedy; the API samples at 1 when none is set)")
+    add_flag(group, "top_p", type=api_params.top_p_flag, default=None, help="nucleus sampling mass, 0 to 1")
+    add_flag(group, "max_tokens", type=api_params.max_tokens_flag, default=None,
              help="output token cap, sent as max_completion_tokens (chat), max_output_tokens (responses) "
                   "or max_tokens (completions)")
-    add_flag(group, "seed", type=int, default=None, help="sampling seed (chat, completions)")
-    add_flag(group, "n", type=int, default=None, help="samples per prompt (chat, completions)")
-    add_flag(group, "stop", action="append", default=None, metavar="TEXT",
-             help="stop sequence; repeat for several (chat, completions)")
+    add_flag(group, "seed", type=api_params.seed_flag, default=None,
+             help="sampling seed, a 64-bit integer (chat, completions)")
+    add_flag(group, "n", type=api_params.n_flag, default=None, help="samples per prompt, 1 to 128 (chat, completions)")
+    add_flag(group, "stop", action="append", type=api_params.stop_flag, default=None, metavar="TEXT", dash_value=True,
+             help=f"stop sequence; repeat for up to {api_params.MAX_STOP} (chat, completions)")
     add_flag(group, "response_format_file", default=None, metavar="SCHEMA.json",
              help="JSON schema for structured output (bare schema or {name, schema, strict})")
     add_flag(group, "extra_body", default=None, metavar="JSON",
              help='more body fields as a JSON object, e.g. \'{"logprobs": true}\'')
 
 
+def _refuse_constant(name: str):
+    # Python's json reads NaN and Infinity, but they are not JSON and the API refuses them.
+    raise UserError(f"--extra_body holds {name}, which is not JSON; give a finite number")
+
+
 def params_from_args(args: argparse.Namespace) -> GenParams:
     extra: dict = {}
     if args.extra_body:
         try:
-            extra = json.loads(args.extra_body)
+            extra = json.loads(args.extra_body, parse_constant=_refuse_constant)
         except json.JSONDecodeError as exc:
             raise UserError(f"--extra_body is not valid JSON ({exc.msg}); pass an object like '{{\"logprobs\": true}}'") from None
         if not isinstance(extra, dict):
@@ -169,10 +244,6 @@ def params_from_args(args: argparse.Namespace) -> GenParams:
     params = GenParams(args.temperature, args.top_p, args.max_tokens, args.seed, args.n, args.stop,
                        load_response_format(args.response_format_file) if args.response_format_file else None,
                        extra)
-    if params.max_tokens is not None and params.max_tokens < 1:
-        raise UserError("--max_tokens must be at least 1")
-    if params.n is not None and params.n < 1:
-        raise UserError("--n must be at least 1")
     return params
 
 
@@ -208,18 +279,26 @@ class BatchFileWriter:
     Lines go to temporary files beside ``output``. ``commit()`` renames them into place:
     one part becomes ``output``; several become ``STEM.part-NNN.jsonl`` (and then no
     ``output`` is left, so a stale one cannot be submitted by mistake). ``abort()`` (or
-    an exception inside ``with``) removes them. ``dry_run=True`` only counts.
+    an exception inside ``with``: SIGTERM, Ctrl+C and a full disk included) removes them.
+    Write faults are ``UserError`` naming ``output``; a device or FIFO there is refused.
+    ``dry_run=True`` only counts.
     """
 
     def __init__(self, output: str | os.PathLike, max_requests: int = MAX_REQUESTS,
-                 max_bytes: int = MAX_BYTES, dry_run: bool = False):
-        if max_requests < 1 or max_bytes < 1:
+                 max_bytes: int = MAX_BYTES, dry_run: bool = False, max_tokens: int | None = None):
+        from datagen.cli import refuse_non_regular
+
+        if max_requests < 1 or max_bytes < 1 or (max_tokens is not None and max_tokens < 1):
             raise UserError("split limits must be at least 1")
         self.output = Path(output)
+        if not dry_run:
+            refuse_non_regular(self.output)
         self.max_requests, self.max_bytes, self.dry_run = max_requests, max_bytes, dry_run
+        self.max_tokens = max_tokens
         self.temps: list[Path] = []
         self.part_counts: list[int] = []
         self.part_bytes: list[int] = []
+        self.part_tokens: list[int] = []  # estimate_tokens of each part's requests
         self.total_bytes = 0
         self._handle = None
 
@@ -227,30 +306,64 @@ class BatchFileWriter:
     def count(self) -> int:
         return sum(self.part_counts)
 
+    def _fault(self, exc: OSError) -> UserError:
+        from datagen.jsonl import write_error
+
+        return write_error(exc, self.output)
+
+    def _finish_part(self) -> None:
+        """Flush, sync and close the part being written."""
+        handle, self._handle = self._handle, None
+        try:
+            handle.flush()
+            os.fsync(handle.fileno())
+            handle.close()
+        except OSError as exc:
+            try:
+                handle.close()  # the file descriptor at least
+            except OSError:
+                pass
+            raise self._fault(exc) from None
+
     def _start_part(self) -> None:
+        from datagen.cli import held_signals
+
         if self._handle:
-            self._handle.close()
-            self._handle = None
+            self._finish_part()
         if not self.dry_run:
-            tmp = temp_path_beside(self.output)
-            self.temps.append(tmp)
-            self._handle = open(tmp, "wb")
+            with held_signals():  # recorded for abort() before a signal can stop us
+                tmp = temp_path_beside(self.output)
+                self.temps.append(tmp)
+            try:
+                self._handle = open(tmp, "wb")
+            except OSError as exc:
+                raise self._fault(exc) from None
         self.part_counts.append(0)
         self.part_bytes.append(0)
+        self.part_tokens.append(0)
 
     def add(self, line: dict, where: str = "") -> None:
         data = dumps_bytes(line) + b"\n"
         size = len(data)
+        tokens = estimate_tokens(line["url"], line["body"])
         if size > self.max_bytes:
             raise UserError(f"{where}: this request alone is {size:,} bytes, over the {self.max_bytes:,}-byte "
                             "file limit; shorten the prompt")
+        if self.max_tokens is not None and tokens > self.max_tokens:
+            raise UserError(f"{where}: this request alone is about {tokens:,} tokens (input + its output cap), over "
+                            f"--max_tokens_per_file {self.max_tokens:,}; raise it or lower --max_tokens")
         if not self.part_counts or self.part_counts[-1] >= self.max_requests \
-                or self.part_bytes[-1] + size > self.max_bytes:
+                or self.part_bytes[-1] + size > self.max_bytes \
+                or (self.max_tokens is not None and self.part_tokens[-1] + tokens > self.max_tokens):
             self._start_part()
         if self._handle:
-            self._handle.write(data)
+            try:
+                self._handle.write(data)
+            except OSError as exc:  # disk full: a write error names no file
+                raise self._fault(exc) from None
         self.part_counts[-1] += 1
         self.part_bytes[-1] += size
+        self.part_tokens[-1] += tokens
         self.total_bytes += size
 
     def planned_paths(self) -> list[Path]:
@@ -259,36 +372,49 @@ class BatchFileWriter:
         return [part_path(self.output, i) for i in range(1, len(self.part_counts) + 1)]
 
     def commit(self) -> list[Path]:
-        """Move the finished parts into place and remove stale outputs of earlier runs."""
+        """Move the finished parts into place and remove stale outputs of earlier runs.
+
+        A signal during the renames waits until they are all done: the parts on disk are
+        always those of one run.
+        """
+        from datagen.cli import describe_os_error, held_signals, refuse_non_regular
+
         if self._handle:
-            self._handle.flush()
-            os.fsync(self._handle.fileno())
-            self._handle.close()
-            self._handle = None
+            self._finish_part()
         if self.dry_run:
             return self.planned_paths()
         finals = self.planned_paths()
+        for final in finals:
+            refuse_non_regular(final)  # never rename over a device
         stale = [p for p in existing_parts(self.output) if p not in finals]
         if len(finals) > 1 and self.output.exists():
             stale.append(self.output)
-        for tmp, final in zip(self.temps, finals):
-            os.replace(tmp, final)
-        self.temps = []
-        for path in stale:
-            log.info("removing %s left by an earlier run", path)
-            path.unlink()
+        with held_signals():
+            try:
+                for tmp, final in zip(self.temps, finals):
+                    os.replace(tmp, final)
+                self.temps = []
+                for path in stale:
+                    log.info("removing %s left by an earlier run", path)
+                    path.unlink()
+            except OSError as exc:
+                raise UserError(describe_os_error(exc)) from None
         return finals
 
     def abort(self) -> None:
-        if self._handle:
-            self._handle.close()
-            self._handle = None
-        for tmp in self.temps:
-            try:
-                tmp.unlink()
-            except FileNotFoundError:
-                pass
-        self.temps = []
+        """Remove the temporary parts; never fails (it runs while another error unwinds)."""
+        from datagen.cli import held_signals
+
+        with held_signals():  # a second signal must not cut the cleanup short
+            if self._handle:
+                try:
+                    self._handle.close()
+                except OSError:  # flushing again on a full disk fails again; the fd is closed
+                    pass
+                self._handle = None
+            for tmp in self.temps:
+                tmp.unlink(missing_ok=True)
+            self.temps = []
 
     def __enter__(self) -> "BatchFileWriter":
         return self
@@ -364,11 +490,19 @@ class BatchFileSummary:
     bytes: int
     url: str
     model: str
+    input_tokens: int = 0  # estimated (``input_tokens``)
+    output_tokens: int = 0  # the requests' output caps (``output_tokens``)
+
+    @property
+    def tokens(self) -> int:
+        """What the part counts against the enqueued-token limit (``estimate_tokens``)."""
+        return self.input_tokens + self.output_tokens
 
 
 def check_batch_file(path: str | os.PathLike, max_requests: int = MAX_REQUESTS,
                      max_bytes: int = MAX_BYTES) -> BatchFileSummary:
-    """Validate a whole batch input file as the Batch API would, before any upload."""
+    """Validate a whole batch input file as the Batch API would, before any upload:
+    every line's shape and body (``datagen.params.check_body``, with file:line)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file; create it with create_batchinput.py or check --file")
@@ -380,9 +514,11 @@ def check_batch_file(path: str | os.PathLike, max_requests: int = MAX_REQUESTS,
                         "split it with create_batchinput.py --max_requests_per_file/--max_bytes_per_file")
     seen: dict[str, str] = {}
     url = model = None
-    count = 0
+    count = in_tokens = out_tokens = 0
     for request in iter_batch_requests(path):
         count += 1
+        in_tokens += input_tokens(request.body)
+        out_tokens += output_tokens(request.url, request.body)
         if count > max_requests:
             raise UserError(f"{request.where}: more than {max_requests:,} requests in one batch file; "
                             "split it with create_batchinput.py")
@@ -398,9 +534,10 @@ def check_batch_file(path: str | os.PathLike, max_requests: int = MAX_REQUESTS,
             raise UserError(f"{request.where}: duplicate custom_id {request.custom_id!r} "
                             f"(first at {seen[request.custom_id]}); ids must be unique")
         seen[request.custom_id] = request.where
+        api_params.check_body(request.url, request.body, request.where)
     if count == 0:
         raise UserError(f"{path}: no requests; the batch file is empty")
-    return BatchFileSummary(path, count, size, url, model)
+    return BatchFileSummary(path, count, size, url, model, in_tokens, out_tokens)
 
 
 def request_to_prompt(request: BatchRequest) -> tuple[Prompt, dict]:

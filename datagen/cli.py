@@ -4,7 +4,13 @@ Every script does the same three things: parse, call the package, report. This m
 holds what they share so that each flag and each convention has one home:
 
 - ``run(parser, body, argv)``: parse ``argv``, set up logging, call ``body(args)``;
-  a ``UserError`` becomes one line on stderr and exit code 1, Ctrl+C exit code 130.
+  a ``UserError`` (or a stray ``OSError``) becomes one line on stderr and exit code 1;
+  SIGTERM raises ``Terminated`` and exits 143, Ctrl+C (SIGINT) exits 130, each with one
+  line saying what was kept (``set_interrupt_hint``).
+- ``held_signals()``: a short block (create a file and record it; rename parts into
+  place) that a signal cannot cut in two.
+- ``describe_os_error`` / ``refuse_non_regular``: disk full, permissions, device nodes
+  as one line that names the path and says how to fix it.
 - ``add_flag(group, "input_file", ...)``: defines ``--input_file`` and its kebab-case
   alias ``--input-file`` together.
 - ``progress(...)``: a tqdm bar that redraws in place on a terminal and prints one
@@ -14,11 +20,18 @@ holds what they share so that each flag and each convention has one home:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import logging
 import os
+import shutil
+import signal
+import stat
 import sys
+import tempfile
+import threading
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from datagen.errors import UserError
 
@@ -68,13 +81,44 @@ def make_parser(doc: str | None, prog: str | None = None) -> argparse.ArgumentPa
                                    formatter_class=HelpFormatter, allow_abbrev=False)
 
 
-def add_flag(group, name: str, *more: str, **kwargs) -> argparse.Action:
-    """Add ``--name`` plus its kebab-case alias (``--input_file`` and ``--input-file``)."""
+def add_flag(group, name: str, *more: str, dash_value: bool = False, **kwargs) -> argparse.Action:
+    """Add ``--name`` plus its kebab-case alias (``--input_file`` and ``--input-file``).
+
+    ``dash_value``: the value may start with "-" (``--stop '---'``), which argparse alone
+    takes for a flag; ``run`` passes such a value on as ``--stop=---``.
+    """
     flags = [f"--{name}"]
     if "_" in name:
         flags.append(f"--{name.replace('_', '-')}")
     flags.extend(more)
-    return group.add_argument(*flags, **kwargs)
+    action = group.add_argument(*flags, **kwargs)
+    action.dash_value = dash_value
+    return action
+
+
+def glue_dash_values(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
+    """``--stop -x`` into ``--stop=-x`` for flags whose value may start with "-", unless
+    the next word is itself one of the parser's flags (then argparse reports the missing value)."""
+    glued = {flag for action in parser._actions if getattr(action, "dash_value", False)
+             for flag in action.option_strings}
+    known = {flag for action in parser._actions for flag in action.option_strings}
+    out: list[str] = []
+    words = list(argv)
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word == "--":
+            out.extend(words[i:])
+            break
+        following = words[i + 1] if i + 1 < len(words) else None
+        if word in glued and following is not None and following.startswith("-") \
+                and following.split("=", 1)[0] not in known:
+            out.append(f"{word}={following}")
+            i += 2
+            continue
+        out.append(word)
+        i += 1
+    return out
 
 
 def add_logging_args(parser: argparse.ArgumentParser) -> None:
@@ -106,24 +150,121 @@ def setup_logging(level: str = "INFO") -> None:
         logger.addHandler(handler)
 
 
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM (``kill``, ``scancel``, a SLURM time limit).
+
+    Like ``KeyboardInterrupt`` it is not an ``Exception``: ``except Exception`` lets it
+    through, while every ``finally``, ``except BaseException`` and ``with`` block still runs
+    its cleanup on the way out.
+    """
+
+
+DEFAULT_HINT = "no output written"
+_hint: "str | Callable[[], str]" = DEFAULT_HINT
+_held = 0  # > 0 inside held_signals()
+_pending: BaseException | None = None  # a signal that arrived while held
+_stopping = False  # a signal was raised already: later ones must not cut its cleanup short
+
+
+def set_interrupt_hint(hint: "str | Callable[[], str] | None") -> None:
+    """Set what the line printed on SIGTERM / Ctrl+C says after "terminated by SIGTERM; ".
+
+    A text, or a function called only when the signal comes (for counts that change
+    per record). ``None`` restores the default, "no output written". ``run`` resets it
+    at its start and restores the caller's at its end.
+    """
+    global _hint
+    _hint = DEFAULT_HINT if hint is None else hint
+
+
+def _hint_text() -> str:
+    try:
+        return str(_hint() if callable(_hint) else _hint)
+    except Exception:  # the hint must never hide the message it belongs to
+        return DEFAULT_HINT
+
+
+def _on_signal(signum, frame) -> None:
+    global _pending, _stopping
+    if _stopping:
+        log.warning("already stopping (signal %d); cleaning up", signum)
+        return
+    exc = Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    if _held:
+        _pending = _pending or exc
+        return
+    _stopping = True
+    raise exc
+
+
+@contextlib.contextmanager
+def held_signals() -> Iterator[None]:
+    """Run a short block whole: SIGTERM / SIGINT arriving inside it is raised at its end.
+
+    For steps that must not be cut apart: create a temporary file and record it for
+    cleanup; rename several parts into place. Only signals handled by ``run`` wait
+    (elsewhere, and outside the main thread, this does nothing). Keep blocks short.
+    """
+    global _held, _pending, _stopping
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _held += 1
+    try:
+        yield
+    finally:
+        _held -= 1
+        if not _held and _pending is not None:
+            exc, _pending, _stopping = _pending, None, True
+            raise exc
+
+
+def _install_signal_handlers() -> dict:
+    """SIGTERM -> Terminated, SIGINT -> KeyboardInterrupt; returns the handlers replaced."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {}
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        old = signal.getsignal(signum)
+        if old is signal.SIG_IGN:  # ignored on purpose by whoever started us (nohup, `cmd &`)
+            continue
+        signal.signal(signum, _on_signal)
+        previous[signum] = signal.SIG_DFL if old is None else old
+    return previous
+
+
 def run(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int | None],
         argv: Sequence[str] | None = None) -> int:
     """Parse, run ``body``, and turn expected failures into one line and an exit code.
 
-    0 done; 1 a runtime, input or API problem (one line on stderr); 2 bad usage
-    (argparse exits itself); 130 interrupted by Ctrl+C.
+    0 done; 1 a runtime, input or API problem, or an OS fault (one line on stderr);
+    2 bad usage (argparse exits itself); 143 SIGTERM; 130 SIGINT (Ctrl+C). The signal
+    handlers and the interrupt hint in place before the call are restored after it.
     """
-    args = parser.parse_args(argv)
+    global _hint, _pending, _stopping
+    args = parser.parse_args(glue_dash_values(parser, sys.argv[1:] if argv is None else argv))
     setup_logging(getattr(args, "log_level", "INFO"))
+    saved_hint, _hint, _pending, _stopping = _hint, DEFAULT_HINT, None, False
+    previous = _install_signal_handlers()
     try:
         status = body(args)
     except UserError as exc:
         message = " ".join(str(exc).split("\n"))
         print(f"{parser.prog}: error: {message}", file=sys.stderr)
         return 1
+    except Terminated:
+        print(f"{parser.prog}: terminated by SIGTERM; {_hint_text()}", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        print(f"{parser.prog}: interrupted by SIGINT (Ctrl+C); {_hint_text()}", file=sys.stderr)
         return 130
+    except OSError as exc:  # a fault no helper named (they raise UserError): still one line
+        print(f"{parser.prog}: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 1
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        _hint, _pending, _stopping = saved_hint, None, False
     return int(status or 0)
 
 
@@ -143,7 +284,8 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 
 def check_output_path(output: str | os.PathLike, inputs: Iterable[str | os.PathLike],
                       flag: str = "--output_file") -> Path:
-    """Refuse an output path that is one of the inputs or sits in a missing folder."""
+    """Refuse an output path that is one of the inputs, a directory, a device, FIFO or
+    socket (a link to a regular file is fine), or sits in a missing folder."""
     output = Path(output)
     for path in inputs:
         if same_file(output, path):
@@ -153,10 +295,77 @@ def check_output_path(output: str | os.PathLike, inputs: Iterable[str | os.PathL
             )
     if output.is_dir():
         raise UserError(f"{flag} {output} is a directory; give a file name")
+    refuse_non_regular(output, flag)
     parent = output.parent
     if not parent.exists():
         raise UserError(f"{flag} {output}: folder {parent} does not exist; create it first")
     return output
+
+
+def file_kind(path: str | os.PathLike) -> str | None:
+    """What ``path`` is when it exists and is not a regular file (links followed), else None."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None  # absent (or unreadable: opening it will say so)
+    for test, kind in ((stat.S_ISREG, None), (stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def refuse_non_regular(path: str | os.PathLike, flag: str = "") -> None:
+    """Raise UserError when ``path`` exists and is not a regular file: writing to a device
+    or FIFO loses the data or blocks forever, and renaming over one replaces the node."""
+    kind = file_kind(path)
+    if kind is not None:
+        name = f"{flag} {path}" if flag else str(path)
+        raise UserError(f"{name} is {kind}, not a regular file; give a path to a regular file")
+
+
+_OS_FIXES = {
+    errno.EROFS: "read-only file system; write elsewhere",
+    errno.EACCES: "permission denied; check the permissions or write elsewhere",
+    errno.EPERM: "operation not permitted; check the permissions or write elsewhere",
+    errno.EIO: "input/output error (a failing disk or network mount); check the device, then rerun",
+    errno.ENOENT: "no such file or directory; check the path",
+    errno.ENOTDIR: "a part of the path is not a folder; check the path",
+    errno.EISDIR: "is a directory; give a file name",
+    errno.EFBIG: "file too large for this file system; write elsewhere or split the output",
+    errno.ENAMETOOLONG: "file name too long; choose a shorter one",
+    errno.EMFILE: "too many open files; raise the limit (ulimit -n)",
+}
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:,} bytes" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""  # pragma: no cover
+
+
+def describe_os_error(exc: OSError, path: str | os.PathLike | None = None) -> str:
+    """One line for an OS fault on ``path`` (default: the error's own file name): what
+    happened and how to fix it; for a full disk or quota, the space left on that
+    filesystem. Write errors carry no file name: pass the path the user gave."""
+    path = exc.filename if path is None else path
+    where = f"{path}: " if path is not None else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = "no space left on device" if exc.errno == errno.ENOSPC else "disk quota exceeded"
+        folder = Path(os.path.abspath(path if path is not None else tempfile.gettempdir()))
+        while not folder.is_dir() and folder != folder.parent:
+            folder = folder.parent
+        with contextlib.suppress(OSError):
+            what += f" ({_size(shutil.disk_usage(folder).free)} free in {folder})"
+        fix = "free space there or write elsewhere"
+        with contextlib.suppress(ValueError, OSError):
+            if folder.resolve().is_relative_to(Path(tempfile.gettempdir()).resolve()):
+                fix += "; TMPDIR sets the temporary folder"
+        return f"{where}{what}; {fix}"
+    return where + _OS_FIXES.get(exc.errno, exc.strerror or str(exc))
 
 
 # --- progress ------------------------------------------------------------------------

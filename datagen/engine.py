@@ -35,12 +35,12 @@ class GenParams:
     top_logprobs: int = 0  # and this many alternatives per position
     json_schema: str | None = None  # structured output: a JSON schema (canonical JSON text), or "{}" for any JSON
 
-    def record(self, dtype: str, merged: bool) -> dict:
-        """The parameters as a record's ``generation`` field shows them."""
+    def record(self) -> dict:
+        """The parameters as a record's ``generation`` field shows them (and its fingerprint
+        hashes them); the engine's own settings (dtype, merged) are in its ``engine`` field."""
         out = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,
                "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
-               "num_return_sequences": self.num_return_sequences, "stop": list(self.stop),
-               "dtype": dtype, "merged": merged}
+               "num_return_sequences": self.num_return_sequences, "stop": list(self.stop)}
         if self.logprobs:
             out.update(logprobs=True, top_logprobs=self.top_logprobs)
         if self.json_schema is not None:
@@ -62,22 +62,21 @@ class Sample:
 class Engine(Protocol):
     """What the run needs of an engine."""
 
-    name: str  # "hf" | "vllm": in every record and its fingerprint
+    name: str  # "hf" | "vllm": in every record's engine field and its fingerprint
+    model_name: str  # the base model as given
     tokenizer: Any  # a Hugging Face tokenizer: the run renders and tokenizes with it
     context_length: int | None  # positions the model takes (prompt + new tokens), None if unknown
+    adapters: list  # what can answer: adapter names, and None for the base model alone
 
-    def identity(self) -> dict:
-        """What the engine adds to a record's provenance and fingerprint (engine name and
-        version, dtype, merged or not, ...): JSON-serialisable, stable across runs."""
+    def provenance(self, adapter: str | None) -> Any:
+        """The ``records.Provenance`` of records answered by ``adapter`` (model, adapter and
+        engine identity: name, dtype, merged, versions)."""
 
-    def generate(self, prompts: list[list[int]], params: GenParams, adapter: str | None,
+    def generate(self, prompts: list[list[int]], params: GenParams, adapters: list[str | None],
                  seed: int) -> list[list[Sample]]:
-        """For each prompt (token ids), ``params.num_return_sequences`` samples, in order.
-
-        ``adapter`` names one of the adapters the engine was loaded with (None: the base
-        model alone). ``seed`` seeds this batch's sampling. A prompt the engine cannot
-        take raises ``RequestRejected`` only when it is given alone; the run checks
-        lengths against ``context_length`` before it calls."""
+        """For each prompt (token ids), answered by its entry of ``adapters``,
+        ``params.num_return_sequences`` samples, in order. ``seed`` seeds this batch's
+        sampling. The run has checked each prompt's length against ``context_length``."""
 
 
 class RequestRejected(Exception):

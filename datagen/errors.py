@@ -9,3 +9,9 @@ other exception is a bug and keeps its traceback.
 
 class UserError(Exception):
     """An expected error: printed as one line on stderr, exit code 1."""
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (a library's long message in one line)."""
+    text = str(exc).strip().splitlines()
+    return text[0][:limit] if text else type(exc).__name__

@@ -5,12 +5,16 @@
   identical bytes, where orjson is missing or refuses a value (integers over 64 bits).
 
 - ``iter_jsonl(path)`` yields ``(line_number, object)`` one line at a time; a line that
-  is not JSON raises ``UserError`` naming ``file:line``.
+  is not JSON, is nested too deep or holds a lone surrogate (not valid Unicode) raises
+  ``UserError`` naming ``file:line``.
 - ``atomic_writer(path)`` writes to a temporary file beside ``path`` and renames it
-  into place only when the block finishes without an exception: an output file is
-  either complete or absent.
-- ``append_jsonl(path)`` is the one sanctioned exception: an append-only file whose
-  every record is flushed and fsynced as it is written (resumable generation).
+  into place only when the block finishes without an exception (signals and a full
+  disk included): an output file is either complete or absent.
+- ``AppendJsonl(path)`` is the one sanctioned exception: an append-only file whose
+  every record is written whole and fsynced as it is written (resumable generation).
+
+OS faults while writing (disk full, read-only, permissions) become one ``UserError``
+line naming the path the user gave; devices and FIFOs are refused as outputs.
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator
 
+from datagen.cli import describe_os_error, held_signals, refuse_non_regular
 from datagen.errors import UserError
 
 try:  # optional speed-up; the standard library writes the same bytes
@@ -30,18 +36,72 @@ except ImportError:  # pragma: no cover - exercised by a test that hides orjson
     orjson = None
 
 
+class UnusableJSON(ValueError):
+    """Valid JSON syntax that cannot be used: nested too deep, or not valid Unicode."""
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+MAX_DEPTH = 1024  # orjson's nesting limit; the standard library stops near the recursion limit
+
+
+def _surrogate_message(text: str) -> str:
+    found = _SURROGATE.search(text)
+    around = text[max(0, found.start() - 20):found.start() + 20]
+    return (f"lone surrogate \\u{ord(found.group()):04x} in the text {ascii(around)}: not valid Unicode "
+            "(surrogate escapes come in pairs, like \\ud83d\\ude00); fix the text")
+
+
+def _lone_surrogate(obj: Any) -> str | None:
+    """The first text (key or value) in ``obj`` holding a lone surrogate; iterative, so
+    any depth the parser accepted is fine."""
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return item
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
+def _std_loads(data: bytes | str) -> Any:
+    """The standard library's parser, refusing what orjson refuses for good reasons."""
+    try:
+        obj = json.loads(data)  # bytes are decoded with surrogatepass: lone surrogates get through
+    except RecursionError:
+        raise UnusableJSON(f"JSON nested too deep (over {MAX_DEPTH:,} levels of arrays or objects); "
+                           "flatten the data") from None
+    text = _lone_surrogate(obj)
+    if text is not None:
+        raise UnusableJSON(_surrogate_message(text))
+    return obj
+
+
+def _std_dumps_bytes(obj: Any) -> bytes:
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), default=str)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: never write invalid UTF-8
+        raise UserError(f"cannot write JSON: {_surrogate_message(text)}") from None
+
+
 def _std_dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), default=str)
+    return _std_dumps_bytes(obj).decode("utf-8")
 
 
 if orjson is not None:
     _OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 
     def dumps(obj: Any) -> str:
-        """One compact JSON line (no trailing newline), UTF-8 kept as is."""
+        """One compact JSON line (no trailing newline), UTF-8 kept as is. Text that is not
+        valid Unicode (a lone surrogate) raises UserError instead of being written."""
         try:
             return orjson.dumps(obj, option=_OPTIONS).decode()
-        except TypeError:  # integers over 64 bits, unusual types: the stdlib handles them
+        except TypeError:  # integers over 64 bits, unusual types, surrogates: the stdlib decides
             return _std_dumps(obj)
 
     def dumps_bytes(obj: Any) -> bytes:
@@ -49,20 +109,19 @@ if orjson is not None:
         try:
             return orjson.dumps(obj, option=_OPTIONS)
         except TypeError:
-            return _std_dumps(obj).encode("utf-8")
+            return _std_dumps_bytes(obj)
 
     def loads(data: bytes | str) -> Any:
-        """Parse JSON; on failure the standard library's error (and message) is raised."""
+        """Parse JSON; on failure the standard library's error (and message) is raised, or
+        ``UnusableJSON`` (a ValueError) for nesting too deep and lone surrogates."""
         try:
             return orjson.loads(data)
         except orjson.JSONDecodeError:
-            return json.loads(data)  # the stdlib's message, or what orjson refuses (huge ints, NaN)
+            return _std_loads(data)  # the stdlib's message, or what orjson refuses (huge ints, NaN)
 else:  # pragma: no cover
     dumps = _std_dumps
-    loads = json.loads
-
-    def dumps_bytes(obj: Any) -> bytes:
-        return _std_dumps(obj).encode("utf-8")
+    dumps_bytes = _std_dumps_bytes
+    loads = _std_loads
 
 
 def _short(text: str, limit: int = 60) -> str:
@@ -73,7 +132,8 @@ def _short(text: str, limit: int = 60) -> str:
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     """Yield ``(line_number, obj)`` for each line of a JSONL file, streaming.
 
-    Blank lines are skipped. A malformed line raises ``UserError("FILE:LINE: ...")``.
+    Blank lines are skipped. A malformed line (not JSON, not UTF-8, nested too deep, a
+    lone surrogate) raises ``UserError("FILE:LINE: ...")``; a read fault, one naming the file.
     """
     path = Path(path)
     try:
@@ -84,21 +144,31 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
         raise UserError(f"{path}: is a directory, expected a .jsonl file") from None
     except PermissionError:
         raise UserError(f"{path}: permission denied; check the file's permissions") from None
-    with handle:
-        for line_number, line in enumerate(handle, start=1):
-            try:
-                yield line_number, loads(line)
-            except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
-                if not line.strip():
-                    continue  # checked only here: blank lines are rare, parsing is the hot path
-                if isinstance(exc, UnicodeDecodeError):
-                    raise UserError(f"{path}:{line_number}: not UTF-8 text ({exc.reason}); "
-                                    "save the file as UTF-8") from None
-                detail = f"{exc.msg} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else str(exc)
-                raise UserError(
-                    f"{path}:{line_number}: not valid JSON ({detail}): "
-                    f"{_short(line.decode('utf-8', 'replace'))!r}; each line must be one JSON object"
-                ) from None
+    except OSError as exc:
+        raise UserError(describe_os_error(exc, path)) from None
+    # Only this generator's own reading and parsing can raise here: the consumer's
+    # exceptions never pass through it.
+    try:
+        with handle:
+            for line_number, line in enumerate(handle, start=1):
+                try:
+                    yield line_number, loads(line)
+                except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+                    if not line.strip():
+                        continue  # checked only here: blank lines are rare, parsing is the hot path
+                    raise _line_error(path, line_number, line, exc) from None
+    except OSError as exc:
+        raise UserError(describe_os_error(exc, path)) from None
+
+
+def _line_error(path: Path, line_number: int, line: bytes, exc: ValueError) -> UserError:
+    if isinstance(exc, UnusableJSON):
+        return UserError(f"{path}:{line_number}: {exc}")
+    if isinstance(exc, UnicodeDecodeError):
+        return UserError(f"{path}:{line_number}: not UTF-8 text ({exc.reason}); save the file as UTF-8")
+    detail = f"{exc.msg} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else str(exc)
+    return UserError(f"{path}:{line_number}: not valid JSON ({detail}): "
+                     f"{_short(line.decode('utf-8', 'replace'))!r}; each line must be one JSON object")
 
 
 def iter_jsonl_objects(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
@@ -112,9 +182,22 @@ def iter_jsonl_objects(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
         yield line_number, obj
 
 
+def write_error(exc: OSError, path: str | os.PathLike) -> UserError:
+    """The one-line error for an OS fault while writing ``path`` (the user's path, not
+    the temporary file's: a write error carries no file name)."""
+    return UserError(describe_os_error(exc, path))
+
+
 def temp_path_beside(path: Path) -> Path:
-    """A fresh, unused temporary file name in the same folder as ``path``."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    """A fresh, unused temporary file name in the same folder as ``path``.
+
+    The caller must record it for cleanup inside ``held_signals()`` (with this call), so
+    that a signal cannot leave it behind unrecorded.
+    """
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    except OSError as exc:
+        raise write_error(exc, path) from None
     os.close(fd)
     # mkstemp makes the file 0600; give it the mode an ordinary new file would have.
     umask = os.umask(0)
@@ -123,58 +206,123 @@ def temp_path_beside(path: Path) -> Path:
     return Path(name)
 
 
+class _NamedFaults:
+    """A file object whose write and flush errors name ``path`` (writes carry no file
+    name, and the temporary file's would mean nothing to the user)."""
+
+    def __init__(self, handle: IO, path: Path):
+        self._handle, self._path = handle, path
+
+    def write(self, data):
+        try:
+            return self._handle.write(data)
+        except OSError as exc:
+            raise write_error(exc, self._path) from None
+
+    def flush(self) -> None:
+        try:
+            self._handle.flush()
+        except OSError as exc:
+            raise write_error(exc, self._path) from None
+
+    def __getattr__(self, name: str):
+        return getattr(self._handle, name)
+
+    def __iter__(self):
+        return iter(self._handle)
+
+
 @contextlib.contextmanager
 def atomic_writer(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     """Open a temporary file beside ``path``; rename it over ``path`` on success.
 
-    On any exception (KeyboardInterrupt included) the temporary file is removed and
-    ``path`` is left exactly as it was.
+    On any exception (KeyboardInterrupt, ``cli.Terminated`` and a full disk included)
+    the temporary file is removed and ``path`` is left exactly as it was. OS faults
+    become ``UserError`` naming ``path``; a device, FIFO or socket at ``path`` is refused
+    (never renamed over). A link to a regular file is replaced by the new file.
     """
     path = Path(path)
     if path.parent and not path.parent.exists():
         raise UserError(f"{path}: folder {path.parent} does not exist; create it first")
-    tmp = temp_path_beside(path)
+    refuse_non_regular(path)
+    tmp = handle = None
     try:
+        with held_signals():  # recorded for cleanup before a signal can stop us
+            tmp = temp_path_beside(path)
         kwargs = {} if "b" in mode else {"encoding": "utf-8", "newline": "\n"}
-        with open(tmp, mode, **kwargs) as handle:
-            yield handle
+        try:
+            handle = open(tmp, mode, **kwargs)
+        except OSError as exc:
+            raise write_error(exc, path) from None
+        yield _NamedFaults(handle, path)
+        try:
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+            handle.close()
+            refuse_non_regular(path)  # appeared meanwhile: never rename over a device
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise write_error(exc, path) from None
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        with held_signals():  # a second signal must not cut the cleanup short
+            if handle is not None:
+                with contextlib.suppress(OSError):  # flushing again on a full disk fails again
+                    handle.close()
+            if tmp is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
         raise
 
 
 class AppendJsonl:
-    """An append-only JSONL file: each ``write`` is one whole line, flushed and fsynced.
+    """An append-only JSONL file: each ``write`` is whole lines, written and fsynced.
 
     Used where losing finished work costs more than the sync (a killed job resumes
     from what is on disk). A torn last line from a kill is repaired on open: the
-    partial line is cut off so the next record starts on a fresh line.
+    partial line is cut off so the next record starts on a fresh line. A write that
+    fails (disk full) or is interrupted is cut off again at once, so the file always
+    ends with a whole line; the failure is a ``UserError`` naming the file. A device,
+    FIFO or socket is refused (reading one for resume could block forever).
     """
 
     def __init__(self, path: str | os.PathLike, *, fsync: bool = True):
         self.path = Path(path)
         self.fsync = fsync
-        repair_torn_tail(self.path)
-        self._handle = open(self.path, "a", encoding="utf-8", newline="\n")
+        refuse_non_regular(self.path)
+        try:
+            repair_torn_tail(self.path)
+            # Unbuffered: nothing is held back to be flushed (and fail again) at close.
+            self._file = open(self.path, "ab", buffering=0)
+            self._size = os.fstat(self._file.fileno()).st_size
+        except OSError as exc:
+            raise write_error(exc, self.path) from None
 
     def write(self, obj: Any) -> None:
         self.write_many([obj])
 
     def write_many(self, objs) -> None:
-        data = "".join(dumps(obj) + "\n" for obj in objs)
+        data = b"".join(dumps_bytes(obj) + b"\n" for obj in objs)
         if not data:
             return
-        self._handle.write(data)
-        self._handle.flush()
-        if self.fsync:
-            os.fsync(self._handle.fileno())
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[self._file.write(view):]
+            if self.fsync:
+                os.fsync(self._file.fileno())
+        except BaseException as exc:
+            with contextlib.suppress(OSError):  # keep the file whole lines
+                os.ftruncate(self._file.fileno(), self._size)
+            if isinstance(exc, OSError):
+                raise write_error(exc, self.path) from None
+            raise
+        self._size += len(data)
 
     def close(self) -> None:
-        self._handle.close()
+        try:
+            self._file.close()
+        except OSError as exc:
+            raise write_error(exc, self.path) from None
 
     def __enter__(self) -> "AppendJsonl":
         return self

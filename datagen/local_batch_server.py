@@ -11,7 +11,8 @@ batch tool can see (see FACTS.md in the project notes):
 - ``POST /v1/files`` (multipart, ``purpose=batch``, ``.jsonl`` only), ``GET /v1/files[/ID]``,
   ``GET /v1/files/ID/content`` (streamed from disk), ``DELETE /v1/files/ID``
 - ``POST /v1/batches``, ``GET /v1/batches/ID``, ``POST /v1/batches/ID/cancel``,
-  ``GET /v1/batches?after=&limit=`` (cursor pages with ``has_more``, newest first)
+  ``GET /v1/batches?after=&limit=`` (cursor pages with ``has_more``, newest first); a
+  batch's ``metadata`` (up to 16 string pairs) is stored and returned as sent, else null
 - a batch goes ``validating -> in_progress -> finalizing -> completed``; an invalid input
   ends ``failed`` with ``errors.data[]`` naming the line; cancel goes through ``cancelling``;
   expired and cancelled batches keep the finished requests in their output file and list
@@ -22,6 +23,9 @@ batch tool can see (see FACTS.md in the project notes):
   ``[fail]`` gets ``status_code`` 400 with the message in ``response.body.error``; one
   containing ``[timeout]`` gets ``response: null`` and ``error.code == "request_timeout"``
 - ``Authorization: Bearer KEY`` checked when a key is set (401 otherwise)
+- an enqueued-token limit per model (``token_limit``, ``--token_limit``): a batch that
+  does not fit beside the model's unfinished batches is created, then ``failed`` with
+  ``errors.data[0].code == "token_limit_exceeded"`` and the API's message
 
 Progress is controllable so tests are fast: with ``step_seconds=None`` (the default) every
 ``GET /v1/batches/ID`` moves that batch one step; with a number, a step every that many
@@ -53,6 +57,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
+
+from datagen.batchfile import estimate_tokens
 
 log = logging.getLogger("datagen.local_batch_server")
 
@@ -86,6 +92,7 @@ class _StoredFile:
 class _Batch:
     obj: dict
     input_path: Path
+    tokens: int = 0  # estimated tokens, counted against the model's limit until the batch ends
     total: int = 0
     done: int = 0  # requests answered so far, in input order
     retrieves: int = 0
@@ -216,8 +223,12 @@ class LocalBatchServer:
     ``api_key``: the bearer token required (None accepts any non-empty one).
     ``step_seconds``: None moves a batch one step per retrieve; a number, one step per that
     many seconds. ``work_steps``: in_progress steps a batch takes to answer its requests.
-    ``seed``: the output shuffle. ``token_limit``: enqueued-token limit per batch; a batch
-    over it fails with ``token_limit_exceeded`` (None: no limit). ``empty_file_ids``: send
+    ``seed``: the output shuffle. ``token_limit``: the enqueued-token limit per model, as
+    the API enforces it: when a batch validates, its tokens (``batchfile.estimate_tokens``
+    per request: input characters / 4 rounded up, plus the output cap) plus those of the
+    model's unfinished batches (in_progress, finalizing, cancelling) must fit, else it
+    fails with ``token_limit_exceeded``; a batch's tokens are freed when it ends (None:
+    no limit). ``empty_file_ids``: send
     an absent output/error file id as ``""`` instead of null, as the real API sometimes does.
     """
 
@@ -412,7 +423,7 @@ class LocalBatchServer:
                    "request_counts": {"total": 0, "completed": 0, "failed": 0},
                    "usage": {"input_tokens": 0, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 0,
                              "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 0},
-                   "metadata": metadata}
+                   "metadata": dict(metadata) if metadata is not None else None}  # stored, returned as sent
             self.batches[batch_id] = _Batch(obj, stored.path)
             return obj
 
@@ -466,15 +477,16 @@ class LocalBatchServer:
         if status == "validating":
             errors, total, model, tokens = self._validate(batch)
             batch.obj["model"] = model
-            if not errors and self.token_limit is not None and tokens > self.token_limit:
+            over = self.token_limit is not None and tokens + self.enqueued_tokens(model) > self.token_limit
+            if not errors and over:
                 errors = [{"code": "token_limit_exceeded", "line": None, "param": None,
-                           "message": f"Enqueued token limit reached for {model}: this batch has about "
-                                      f"{tokens:,} tokens, the limit is {self.token_limit:,}. Try again once some "
-                                      "in_progress batches have completed."}]
+                           "message": f"Enqueued token limit reached for {model} in organization org-local. "
+                                      f"Limit: {self.token_limit:,} enqueued tokens. Please try again once some "
+                                      "in_progress batches have been completed."}]
             if errors:
                 batch.obj.update(status="failed", failed_at=_now(), errors={"object": "list", "data": errors})
                 return
-            batch.total = total
+            batch.total, batch.tokens = total, tokens
             batch.obj["request_counts"]["total"] = total
             batch.obj.update(status="in_progress", in_progress_at=_now())
         elif status == "in_progress":
@@ -487,6 +499,12 @@ class LocalBatchServer:
         elif status == "cancelling":
             self._finish(batch, "cancelled", "batch_cancelled", "This request was not executed because the batch "
                                                                 "was cancelled.")
+
+    def enqueued_tokens(self, model: str | None) -> int:
+        """Tokens of the model's batches that passed validation and have not ended."""
+        with self.lock:
+            return sum(b.tokens for b in self.batches.values()
+                       if b.obj["model"] == model and b.obj["status"] in ("in_progress", "finalizing", "cancelling"))
 
     def _validate(self, batch: _Batch) -> tuple[list[dict], int, str | None, int]:
         """Check every input line as the Batch API does; errors name their line."""
@@ -543,7 +561,7 @@ class LocalBatchServer:
                     error("mismatched_model", number, f"The model '{line_model}' differs from '{model}' on earlier "
                                                       "lines; a batch takes one model.", "body.model")
                 if isinstance(body, dict):
-                    tokens += _tokens(_last_user_text(request["url"], body))
+                    tokens += estimate_tokens(request["url"], body)
         if count == 0 and not errors:
             error("empty_file", None, "The input file has no requests.")
         if count > MAX_REQUESTS:
@@ -877,9 +895,11 @@ def main(argv=None) -> int:
                         help="seconds between a batch's status steps")
     parser.add_argument("--work_steps", "--work-steps", type=int, default=2,
                         help="in_progress steps a batch takes to answer its requests")
+    parser.add_argument("--token_limit", "--token-limit", type=int, default=None, metavar="N",
+                        help="enqueued-token limit per model (default: none)")
     args = parser.parse_args(argv)
     server = LocalBatchServer(port=args.port, api_key=args.api_key or None, step_seconds=args.step_seconds,
-                              work_steps=args.work_steps).start()
+                              work_steps=args.work_steps, token_limit=args.token_limit).start()
     print(f"{BANNER}\nlistening on {server.base_url}  (set OPENAI_BASE_URL={server.base_url}; "
           f"key: {'any' if not args.api_key else 'the --api_key given'}); Ctrl+C stops it", flush=True)
     try:

@@ -1,15 +1,14 @@
-"""The OpenAI Batch API route: key and state files, client, and every batch action.
+"""The OpenAI Batch API route: every batch action behind batch_utils.py (the key, the
+ids file and the client are in ``datagen.openai_client``).
 
-- Key: ``openai.tok`` in the working directory, or ``--key_file FILE``, else
-  ``OPENAI_API_KEY`` (``load_key``). The key is never printed or logged: messages pass
-  through ``Session.redact`` and a logging filter blanks it.
-- State: ``last_batch_id.tok`` holds the ids of the batches the last ``--run`` made, one
-  per line (``load_batch_ids`` / ``save_batch_ids``); every action defaults to them.
-- Actions: ``submit`` (check locally, upload, create; one batch per part file),
-  ``check``, ``wait`` (poll to a final state with a progress bar), ``cancel``,
-  ``download`` (stream output and error files of all batches into OUTPUT and
-  OUTPUT.errors.jsonl, atomically), ``retry_failed`` (a new batch input holding the
-  requests that failed or expired), ``list_recent``.
+- Actions: ``submit`` (check locally, refuse a file already submitted, upload, create;
+  one batch per part file), ``check``, ``wait`` (poll to a final state with a progress
+  bar), ``cancel``, ``download`` (stream output and error files of all batches into
+  OUTPUT and OUTPUT.errors.jsonl, atomically), ``retry_failed`` (a new batch input
+  holding the requests that failed or expired), ``list_recent``.
+- Each batch's metadata records its input file's name and sha256 (``source_file``,
+  ``source_sha256``): ``--run`` refuses a file whose content already has a live or
+  completed batch among the saved ids and the recent batches, unless ``--force``.
 - ``add_batch_args(parser)`` defines the flags; ``run_command(args, parser)`` runs them
   in the order run -> cancel -> wait -> check -> download.
 
@@ -22,31 +21,28 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import json
 import logging
 import os
-import re
-import stat
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 from datagen import batchfile, cli
 from datagen.errors import UserError
-from datagen.jsonl import atomic_writer, iter_jsonl_objects, temp_path_beside
+from datagen.jsonl import iter_jsonl_objects, temp_path_beside
+from datagen.openai_client import (IDS_FILE, KEY_FILE, Session, check_state_path, error_code, file_id_or_none,
+                                   is_success, load_batch_ids, parse_ids, read_ids_file, request_counts,
+                                   save_batch_ids, sha256_of, validation_errors, when)
 
 log = logging.getLogger("datagen")
 
-KEY_FILE = "openai.tok"  # the API key, one line, in the working directory
-IDS_FILE = "last_batch_id.tok"  # the ids of the last --run, one per line
 FINAL = ("completed", "failed", "expired", "cancelled")
+BLOCKING = ("validating", "in_progress", "finalizing", "completed")  # an earlier batch that --run must not repeat
 EXIT_STATUS = {"completed": 0, "failed": 3, "expired": 4, "cancelled": 5}
-BATCH_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{2,199}$")
-DOWNLOAD_CHUNK = 1 << 20  # bytes read from the HTTP stream at a time
+RECENT = 100  # how many recent batches --run looks through for an earlier submission
 
 
 # --- flags ----------------------------------------------------------------------------
@@ -74,6 +70,8 @@ def add_batch_args(parser: argparse.ArgumentParser) -> None:
     cli.add_flag(which, "errors_file", default=None, metavar="ERRORS.jsonl",
                  help="--retry_failed: take the failures from this downloaded error file instead of the API")
     cli.add_flag(which, "description", default=None, help="--run: a note stored in the batch metadata")
+    cli.add_flag(which, "force", action="store_true",
+                 help="--run: submit even if the same file content already has a batch (you pay twice)")
     cli.add_flag(which, "limit", type=int, default=20, help="how many recent batches the list shows")
     api = parser.add_argument_group("API")
     cli.add_flag(api, "key_file", default=None,
@@ -104,243 +102,31 @@ def check_combination(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error("--poll_interval must be 0 or more")
     if args.limit < 1:
         parser.error("--limit must be at least 1")
+    if args.force and not args.run:
+        parser.error("--force goes with --run")
     if args.json and not args.check:
         parser.error("--json goes with --check")
 
 
-# --- key and state files --------------------------------------------------------------
-
-
-def load_key(key_file: str | None) -> tuple[str, str]:
-    """The API key and where it came from (a description safe to print)."""
-    if key_file is not None:
-        path = Path(key_file)
-        if not path.is_file():
-            raise UserError(f"--key_file {path}: no such file; put the API key in it or drop --key_file")
-        return _read_key_file(path), f"--key_file {path}"
-    path = Path(KEY_FILE)
-    if path.exists():
-        return _read_key_file(path), str(path)
-    key = os.environ.get("OPENAI_API_KEY", "").strip()
-    if key:
-        return key, "OPENAI_API_KEY"
-    raise UserError(f"no API key: put it in {KEY_FILE} in this folder (then chmod 600 {KEY_FILE}), "
-                    "pass --key_file FILE, or set OPENAI_API_KEY")
-
-
-def _read_key_file(path: Path) -> str:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read the API key ({getattr(exc, 'strerror', None) or 'not text'}); "
-                        "check the file") from None
-    key = text.strip()
-    if not key:
-        raise UserError(f"{path} is empty; put your API key on its one line (or remove the file to use "
-                        "OPENAI_API_KEY)")
-    if any(ch.isspace() for ch in key):
-        raise UserError(f"{path} holds more than one word; it must hold only the API key, on one line")
-    mode = path.stat().st_mode
-    if mode & (stat.S_IRGRP | stat.S_IROTH):
-        log.warning("%s is readable by other users (mode %o); protect the key with: chmod 600 %s",
-                    path, stat.S_IMODE(mode), path)
-    return key
-
-
-def load_batch_ids(path: str | os.PathLike) -> list[str]:
-    """The batch ids saved by the last --run, one per line; a corrupt file is an error."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"no batch id: {path} does not exist here; pass --id BATCH_ID, or submit a batch "
-                        "with --run first")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise UserError(f"{path} is corrupt (not text); delete it and pass --id BATCH_ID") from None
-    ids = []
-    for number, line in enumerate(lines, start=1):
-        line = line.strip()
-        if not line:
-            continue
-        if not BATCH_ID.match(line):
-            shown = line if len(line) <= 40 else line[:40] + "..."
-            raise UserError(f"{path}:{number}: {shown!r} is not a batch id; the file is corrupt: fix or delete "
-                            "it, or pass --id BATCH_ID")
-        ids.append(line)
-    if not ids:
-        raise UserError(f"{path} is empty; pass --id BATCH_ID, or submit a batch with --run")
-    return ids
-
-
-def save_batch_ids(path: str | os.PathLike, ids: list[str]) -> None:
-    with atomic_writer(path) as handle:
-        handle.write("".join(f"{batch_id}\n" for batch_id in ids))
-
-
-def parse_ids(values: Iterable[str]) -> list[str]:
-    ids = []
-    for value in values:
-        for batch_id in value.split(","):
-            batch_id = batch_id.strip()
-            if not BATCH_ID.match(batch_id):
-                raise UserError(f"--id {batch_id!r} is not a batch id (like batch_abc123)")
-            ids.append(batch_id)
-    return ids
-
-
-# --- the client and its errors ---------------------------------------------------------
-
-
-class _Redact(logging.Filter):
-    def __init__(self, secret: str):
-        super().__init__()
-        self.secret = secret
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if self.secret in message:
-            record.msg, record.args = message.replace(self.secret, "[redacted]"), None
-        return True
-
-
-def _transport_errors() -> tuple[type[BaseException], ...]:
-    """The HTTP library's errors a body read can raise (the SDK does not wrap those)."""
-    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    for name in ("httpx2", "httpx"):
-        with contextlib.suppress(ImportError):
-            module = __import__(name)
-            errors.append(module.HTTPError)
-            errors.append(module.StreamError)
-    import openai
-
-    errors.append(openai.APIConnectionError)
-    return tuple(errors)
-
-
-@dataclass
-class Session:
-    """The client, made on first use, and how to explain its errors."""
-
-    key_file: str | None = None
-    base_url: str | None = None
-    max_retries: int = 5
-    ids_file: str = IDS_FILE
-    _client: Any = None
-    key_source: str = ""
-    _secret: str = ""
-    _filters: list = field(default_factory=list)
-
-    @property
-    def client(self):
-        if self._client is None:
-            import openai
-
-            key, self.key_source = load_key(self.key_file)
-            self._secret = key
-            redact = _Redact(key)
-            for handler in logging.getLogger().handlers:
-                handler.addFilter(redact)
-                self._filters.append((handler, redact))
-            self._client = openai.OpenAI(api_key=key, base_url=self.base_url or None, max_retries=self.max_retries)
-            log.debug("Batch API at %s (key from %s)", self._client.base_url, self.key_source)
-        return self._client
-
-    @property
-    def url(self) -> str:
-        return str(self.client.base_url).rstrip("/")
-
-    def redact(self, text: str) -> str:
-        return text.replace(self._secret, "[redacted]") if self._secret else text
-
-    def call(self, what: str, function: Callable, *args, **kwargs):
-        """Call the SDK; an API error becomes one line that says what to do."""
-        import openai
-
-        try:
-            return function(*args, **kwargs)
-        except openai.APIError as exc:
-            raise UserError(self.redact(self.explain(what, exc))) from None
-
-    def explain(self, what: str, exc) -> str:
-        import openai
-
-        status = getattr(exc, "status_code", None)
-        body = getattr(exc, "body", None)  # the "error" object of the answer, when it had one
-        code = body.get("code") if isinstance(body, dict) else None
-        message = body.get("message") if isinstance(body, dict) and body.get("message") else \
-            getattr(exc, "message", str(exc))
-        message = " ".join(str(message).split())
-        retries = f"after {self.max_retries} retries" if self.max_retries else "(retries are off: --max_retries 0)"
-        if isinstance(exc, openai.AuthenticationError):
-            return (f"{what}: the API refused the key from {self.key_source} (401 {code or 'Unauthorized'}); "
-                    f"check the key, and that {self.url} is the service it belongs to")
-        if isinstance(exc, openai.PermissionDeniedError):
-            return f"{what}: the key from {self.key_source} may not do this (403): {message}"
-        if isinstance(exc, openai.NotFoundError):
-            return f"{what}: not found at {self.url} (404: {message}); check --id or {self.ids_file}, and --base_url"
-        if isinstance(exc, openai.RateLimitError):
-            return (f"{what}: rate limited (429) {retries}: {message}; wait a few minutes and rerun, or raise "
-                    "--max_retries")
-        if isinstance(exc, openai.InternalServerError):
-            return f"{what}: the server failed ({status}) {retries}: {message}; rerun later"
-        if isinstance(exc, openai.APIStatusError):
-            return f"{what}: the API answered {status}: {message}"
-        if isinstance(exc, openai.APITimeoutError):
-            return f"{what}: {self.url} did not answer in time {retries}; check the network and rerun"
-        if isinstance(exc, openai.APIConnectionError):
-            cause = exc.__cause__ or exc
-            return (f"{what}: cannot reach {self.url} ({type(cause).__name__}: {cause}) {retries}; check --base_url "
-                    "/ OPENAI_BASE_URL and the network")
-        return f"{what}: {message}"
-
-    def retrieve(self, batch_id: str):
-        return self.call(f"batch {batch_id}", self.client.batches.retrieve, batch_id)
-
-    def close(self) -> None:
-        for handler, redact in self._filters:
-            handler.removeFilter(redact)
-        self._filters.clear()
-        if self._client is not None:
-            self._client.close()
-
-
-# --- printing -------------------------------------------------------------------------
-
-
-def _when(stamp: int | None) -> str:
-    if not stamp:
-        return "-"
-    return dt.datetime.fromtimestamp(stamp, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _counts(batch) -> tuple[int, int, int]:
-    counts = batch.request_counts
-    if counts is None:
-        return 0, 0, 0
-    return counts.total or 0, counts.completed or 0, counts.failed or 0
-
-
-def _file_id(value: str | None) -> str | None:
-    """File ids can come back as empty strings: treat those as absent."""
-    return value or None
+# --- actions --------------------------------------------------------------------------
 
 
 def describe(batch) -> str:
     """A human summary of one batch: status, counts, times, files and validation errors."""
-    total, completed, failed = _counts(batch)
+    total, completed, failed = request_counts(batch)
     metadata = batch.metadata or {}
-    note = ", ".join(f"{k}: {v}" for k, v in metadata.items())
+    note = ", ".join(f"{k}: {v}" for k, v in metadata.items() if k != "source_sha256")  # 64 hex digits say little
     lines = [f"{batch.id}: {batch.status}" + (f"  ({note})" if note else "")]
     lines.append(f"  endpoint {batch.endpoint}" + (f", model {batch.model}" if batch.model else "")
                  + f", window {batch.completion_window}")
     lines.append(f"  requests: {total:,} total, {completed:,} completed, {failed:,} failed")
     stamps = [(name, getattr(batch, f"{name}_at", None)) for name in
               ("created", "in_progress", "finalizing", "completed", "failed", "expired", "cancelling", "cancelled")]
-    lines.append("  times: " + "; ".join(f"{name} {_when(value)}" for name, value in stamps if value))
+    lines.append("  times: " + "; ".join(f"{name} {when(value)}" for name, value in stamps if value))
     if batch.status not in FINAL and batch.expires_at:
-        lines.append(f"  expires {_when(batch.expires_at)} (unfinished requests are then dropped)")
-    lines.append(f"  files: input {batch.input_file_id}, output {_file_id(batch.output_file_id) or '-'}, "
-                 f"errors {_file_id(batch.error_file_id) or '-'}")
+        lines.append(f"  expires {when(batch.expires_at)} (unfinished requests are then dropped)")
+    lines.append(f"  files: input {batch.input_file_id}, output {file_id_or_none(batch.output_file_id) or '-'}, "
+                 f"errors {file_id_or_none(batch.error_file_id) or '-'}")
     usage = batch.usage
     if usage is not None and (usage.total_tokens or 0):
         lines.append(f"  usage: {usage.input_tokens:,} input + {usage.output_tokens:,} output tokens")
@@ -353,50 +139,71 @@ def describe(batch) -> str:
     return "\n".join(lines)
 
 
-def validation_errors(batch, limit: int = 3) -> str:
-    errors = (batch.errors.data if batch.errors and batch.errors.data else [])
-    shown = "; ".join((f"line {e.line}: " if e.line else "") + f"{e.code}: {e.message}" for e in errors[:limit])
-    more = f" (and {len(errors) - limit} more: see --check)" if len(errors) > limit else ""
-    return (shown + more) or "no reason given"
-
-
-# --- actions --------------------------------------------------------------------------
-
-
-def submit(session: Session, input_path: str, description: str | None) -> list[str]:
-    """Check every part locally, then upload and create one batch per part."""
+def submit(session: Session, input_path: str, description: str | None, force: bool = False) -> list[str]:
+    """Check every part locally, refuse one already submitted (unless ``force``), then
+    upload and create one batch per part. The ids file is rewritten after each batch, so
+    a failure half-way keeps the ids made so far; the ``--run`` of a ``--retry_failed``
+    file adds its ids beside the originals."""
     if description is not None and len(description) > 512:
         raise UserError(f"--description is {len(description)} characters; batch metadata values hold at most 512")
     files = batchfile.resolve_batch_files(input_path)
     summaries = [batchfile.check_batch_file(path) for path in files]
+    saved = read_ids_file(session.ids_file)
+    ids_file = check_state_path(session.ids_file)
+    digests = {summary.path: sha256_of(summary.path) for summary in summaries}
     client = session.client
-    ids_file = Path(session.ids_file)
-    if ids_file.exists():
-        with contextlib.suppress(UserError):
-            log.info("replacing the ids saved in %s (%s)", ids_file, ", ".join(load_batch_ids(ids_file)))
+    if not force:
+        refuse_resubmission(session, digests, saved.ids)
+    retry_of = saved.ids if any(digest in saved.pending for digest in digests.values()) else []
+    pending = {d: name for d, name in saved.pending.items() if d not in digests.values()} if retry_of else {}
+    if saved.ids and not retry_of:
+        log.info("replacing the ids saved in %s (%s)", ids_file, ", ".join(saved.ids))
     ids: list[str] = []
     for summary in summaries:
         path = summary.path
+        metadata = {"source_file": path.name[:512], "source_sha256": digests[path]}
+        if description:
+            metadata["description"] = description
+        if retry_of:  # a marker (cut at 512) for --retry_failed: read this batch's successes too
+            metadata["retry_of"] = ",".join(retry_of)[:512]
         try:
             with open(path, "rb") as handle:  # streamed by the SDK, rewound on a retry
                 uploaded = session.call(f"uploading {path}", client.files.create,
                                         file=(path.name, handle), purpose="batch")
-            metadata = {"source_file": path.name[:512]}
-            if description:
-                metadata["description"] = description
+            session.expect(f"uploading {path}", uploaded, "file")
             batch = session.call(f"creating the batch for {path}", client.batches.create,
                                  input_file_id=uploaded.id, endpoint=summary.url, completion_window="24h",
                                  metadata=metadata)
+            session.expect(f"creating the batch for {path}", batch, "batch")
         except UserError as exc:
             if ids:
                 raise UserError(f"{exc} ({len(ids)} batch(es) made before this one are saved in {ids_file}: "
                                 "check or cancel them)") from None
             raise
         ids.append(batch.id)
-        save_batch_ids(ids_file, ids)
+        save_batch_ids(ids_file, retry_of + ids, pending)
         print(f"submitted {batch.id} for {path} ({summary.requests:,} requests, {summary.url}, {summary.model})")
-    print(f"saved {len(ids)} batch id(s) in {ids_file}")
+    after = f", after the {len(retry_of)} batch(es) they retry" if retry_of else ""
+    print(f"saved {len(ids)} batch id(s) in {ids_file}{after}")
     return ids
+
+
+def refuse_resubmission(session: Session, digests: dict[Path, str], saved_ids: list[str]) -> None:
+    """Refuse when a file's content already has a batch that is live or completed, among
+    the saved ids and the recent batches (a failed, expired or cancelled one does not count)."""
+    earlier = [batch for batch in (session.retrieve(i, missing_ok=True) for i in saved_ids) if batch is not None]
+    recent = session.list_batches(RECENT, f"looking for earlier batches of {', '.join(map(str, digests))}", True)
+    if recent is None:  # some OpenAI-compatible services cannot list batches
+        log.warning("%s cannot list batches: only the ids in %s were checked for an earlier submission of the same "
+                    "file", session.url, session.ids_file)
+    earlier += recent or []
+    by_digest = {digest: path for path, digest in digests.items()}
+    for batch in earlier:
+        metadata = batch.metadata if isinstance(batch.metadata, dict) else {}
+        path = by_digest.get(metadata.get("source_sha256"))
+        if path is not None and batch.status in BLOCKING:
+            raise UserError(f"{path} was already submitted as batch {batch.id} ({batch.status}); use --check / "
+                            "--wait / --download, or pass --force to submit it again (you pay twice)")
 
 
 def check(session: Session, ids: list[str], as_json: bool) -> list:
@@ -413,25 +220,24 @@ def cancel(session: Session, ids: list[str]) -> None:
             print(f"{batch_id}: already {batch.status}; nothing to cancel")
             continue
         batch = session.call(f"cancelling batch {batch_id}", session.client.batches.cancel, batch_id)
-        total, completed, failed = _counts(batch)
+        session.expect(f"cancelling batch {batch_id}", batch, "batch")
+        total, completed, failed = request_counts(batch)
         print(f"{batch_id}: {batch.status} ({completed + failed:,}/{total:,} requests done; finished ones are kept "
               "in its output file)")
 
 
 def wait(session: Session, ids: list[str], poll_interval: float, sleep: Callable[[float], None] = time.sleep) -> list:
-    """Poll until every batch is final, with a progress bar on the request counts.
-
-    Ctrl+C stops waiting and leaves the batches alone.
-    """
+    """Poll until every batch is final, with a progress bar on the request counts; Ctrl+C
+    stops waiting and leaves the batches alone."""
     bar = None
     try:
         batches = {batch_id: session.retrieve(batch_id) for batch_id in ids}
         for batch in batches.values():
             log.info("%s: %s", batch.id, batch.status)
-        bar = cli.progress(total=sum(_counts(b)[0] for b in batches.values()) or None, desc="requests", unit="req")
+        bar = cli.progress(total=None, desc="requests", unit="req")  # the total is set below, as batches validate
         while True:
-            done = sum(_counts(b)[1] + _counts(b)[2] for b in batches.values())
-            bar.total = sum(_counts(b)[0] for b in batches.values()) or None
+            done = sum(request_counts(b)[1] + request_counts(b)[2] for b in batches.values())
+            bar.total = sum(request_counts(b)[0] for b in batches.values()) or None
             if done > bar.n:
                 bar.update(done - bar.n)
             if all(b.status in FINAL for b in batches.values()):
@@ -442,7 +248,7 @@ def wait(session: Session, ids: list[str], poll_interval: float, sleep: Callable
                     continue
                 new = session.retrieve(batch_id)
                 if new.status != old.status:
-                    total, completed, failed = _counts(new)
+                    total, completed, failed = request_counts(new)
                     log.info("%s: %s -> %s (%s/%s done, %s failed)", batch_id, old.status, new.status,
                              f"{completed + failed:,}", f"{total:,}", f"{failed:,}")
                 batches[batch_id] = new
@@ -454,7 +260,7 @@ def wait(session: Session, ids: list[str], poll_interval: float, sleep: Callable
         raise
     bar.close()
     for batch in batches.values():
-        total, completed, failed = _counts(batch)
+        total, completed, failed = request_counts(batch)
         print(f"{batch.id}: {batch.status} ({completed:,} completed, {failed:,} failed of {total:,})")
         if batch.status == "failed":
             print(f"  input refused: {validation_errors(batch)}")
@@ -473,70 +279,11 @@ def errors_path_for(output: Path) -> Path:
     return output.with_name(output.name + ".errors.jsonl")
 
 
-def _error_code(line: dict) -> str:
-    error = line.get("error")
-    if isinstance(error, dict) and error.get("code"):
-        return str(error["code"])
-    response = line.get("response") or {}
-    body = response.get("body") if isinstance(response, dict) else None
-    inner = body.get("error") if isinstance(body, dict) else None
-    if isinstance(inner, dict) and inner.get("code"):
-        return str(inner["code"])
-    return f"http_{response.get('status_code', 'unknown')}" if response else "unknown"
-
-
-def is_success(line: dict) -> bool:
-    """A line is a success only with a response, status 200 and no error (FACTS: read both files)."""
-    response = line.get("response")
-    return isinstance(response, dict) and response.get("status_code") == 200 and line.get("error") is None
-
-
-def stream_file(session: Session, file_id: str, handle, label: str) -> tuple[int, int]:
-    """Append one API file to ``handle`` in chunks; returns (lines, bytes).
-
-    A connection dropped mid-body restarts the file (up to --max_retries times) after
-    cutting what it wrote; then the caller's temporary file is discarded. Errors before
-    the body starts (404, 429 or 5xx after the SDK's own retries) are one-line errors.
-    """
-    import openai
-
-    what = f"downloading {label} {file_id}"
-    start = handle.tell()
-    transport_errors = _transport_errors()
-    for attempt in range(session.max_retries + 1):
-        written = lines = 0
-        last = b"\n"
-        body_started = False
-        try:
-            with session.client.files.with_streaming_response.content(file_id) as response:
-                body_started = True
-                for chunk in response.iter_bytes(DOWNLOAD_CHUNK):
-                    if not chunk:
-                        continue
-                    handle.write(chunk)
-                    written += len(chunk)
-                    lines += chunk.count(b"\n")
-                    last = chunk[-1:]
-            if last != b"\n":  # a last line without newline: end it, so merged files stay JSONL
-                handle.write(b"\n")
-                lines += 1
-            return lines, written
-        except transport_errors as exc:
-            if not body_started and isinstance(exc, openai.APIError):
-                raise UserError(session.redact(session.explain(what, exc))) from None  # the SDK retried already
-            handle.seek(start)
-            handle.truncate()
-            reason = session.redact(f"{type(exc).__name__}: {exc}")
-            if attempt >= session.max_retries:
-                raise UserError(f"{what}: the connection dropped after {written:,} bytes ({reason}); nothing was "
-                                "saved; rerun the same command to download it again") from None
-            delay = min(0.5 * 2 ** attempt, 8.0)
-            log.warning("%s: connection dropped after %s bytes (%s); starting it again in %.1f s (retry %d of %d)",
-                        what, f"{written:,}", reason, delay, attempt + 1, session.max_retries)
-            time.sleep(delay)
-        except openai.APIError as exc:
-            raise UserError(session.redact(session.explain(what, exc))) from None
-    raise AssertionError("unreachable")
+def download_targets(output: str | os.PathLike, protected: Iterable[Path]) -> tuple[Path, Path]:
+    """OUTPUT and OUTPUT.errors.jsonl, each refused if it is an input, a folder or a device
+    (a rename would replace the node; removing a stale errors file would too)."""
+    output = cli.check_output_path(output, protected, flag="--download")
+    return output, cli.check_output_path(errors_path_for(output), protected, flag="--download")
 
 
 def download(session: Session, ids: list[str], output: str | os.PathLike, batches: list | None = None,
@@ -546,12 +293,11 @@ def download(session: Session, ids: list[str], output: str | os.PathLike, batche
 
     Returns 0, or 3 when a batch failed validation (it has nothing to download).
     """
-    output = cli.check_output_path(output, protected, flag="--download")
-    errors_path = errors_path_for(output)
+    output, errors_path = download_targets(output, protected)
     batches = batches or [session.retrieve(batch_id) for batch_id in ids]
     for batch in batches:
         if batch.status not in FINAL:
-            total, completed, failed = _counts(batch)
+            total, completed, failed = request_counts(batch)
             raise UserError(f"batch {batch.id} is {batch.status} ({completed + failed:,}/{total:,} requests done); "
                             "nothing to download yet: wait for it with --wait (or cancel it with --cancel to keep "
                             "what is finished)")
@@ -561,24 +307,25 @@ def download(session: Session, ids: list[str], output: str | os.PathLike, batche
         if len(refused) == len(batches):
             raise UserError(message + "; fix the input file and --run it again")
         log.warning("%s", message)
-    out_tmp, err_tmp = temp_path_beside(output), temp_path_beside(errors_path)
+    out_tmp = err_tmp = None
     out_lines = err_lines = 0
     try:
+        out_tmp, err_tmp = temp_path_beside(output), temp_path_beside(errors_path)
         with open(out_tmp, "wb") as out, open(err_tmp, "wb") as err:
             for batch in batches:
-                if _file_id(batch.output_file_id):
-                    lines, size = stream_file(session, batch.output_file_id, out, f"the output of {batch.id}")
+                if file_id_or_none(batch.output_file_id):
+                    lines, size = session.stream_file(batch.output_file_id, out, f"the output of {batch.id}")
                     out_lines += lines
                     log.info("%s: %s output lines (%s bytes)", batch.id, f"{lines:,}", f"{size:,}")
                 elif batch.status != "failed":
                     log.info("%s: no output file (no request finished successfully)", batch.id)
-                if _file_id(batch.error_file_id):
-                    lines, _ = stream_file(session, batch.error_file_id, err, f"the errors of {batch.id}")
+                if file_id_or_none(batch.error_file_id):
+                    lines, _ = session.stream_file(batch.error_file_id, err, f"the errors of {batch.id}")
                     err_lines += lines
             for handle in (out, err):
                 handle.flush()
                 os.fsync(handle.fileno())
-        codes = Counter(_error_code(line) for _, line in iter_jsonl_objects(err_tmp)) if err_lines else Counter()
+        codes = Counter(error_code(line) for _, line in iter_jsonl_objects(err_tmp)) if err_lines else Counter()
         if errors_path.exists():
             log.info("removing %s from an earlier download", errors_path)
             errors_path.unlink()
@@ -587,8 +334,8 @@ def download(session: Session, ids: list[str], output: str | os.PathLike, batche
         os.replace(out_tmp, output)
     finally:
         for tmp in (out_tmp, err_tmp):
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
     merged = f" (from {len(batches)} batches)" if len(batches) > 1 else ""
     print(f"saved {out_lines:,} output lines to {output}{merged}")
     if err_lines:
@@ -599,24 +346,32 @@ def download(session: Session, ids: list[str], output: str | os.PathLike, batche
     return EXIT_STATUS["failed"] if refused else 0
 
 
-def failed_ids_from_api(session: Session, ids: list[str]) -> Counter:
-    """custom_id -> error code of every request the batches did not finish."""
+def failed_ids_from_api(session: Session, ids: list[str]) -> dict[str, str]:
+    """custom_id -> error code of every request the batches did not finish, less those
+    that a retry batch (metadata ``retry_of``) among them answered."""
     failed: dict[str, str] = {}
-    for batch_id in ids:
-        batch = session.retrieve(batch_id)
-        if batch.status == "failed":
-            raise UserError(f"batch {batch_id} failed as a whole ({validation_errors(batch)}); fix the input and "
-                            "--run it again (--retry_failed rebuilds requests that failed inside a batch)")
-        if batch.status not in FINAL:
-            raise UserError(f"batch {batch_id} is {batch.status}; wait for it with --wait before --retry_failed")
-        if not _file_id(batch.error_file_id):
-            continue
-        with tempfile.TemporaryDirectory(prefix="batch-errors-") as folder:
-            tmp = Path(folder) / f"{batch_id}.errors.jsonl"
-            with open(tmp, "wb") as handle:
-                stream_file(session, batch.error_file_id, handle, f"the errors of {batch_id}")
-            failed.update(_failures(tmp))
-    return failed
+    answered: set[str] = set()
+    with tempfile.TemporaryDirectory(prefix="batch-files-") as folder:
+        def fetch(file_id: str, label: str) -> Path:
+            path = Path(folder) / f"{file_id}.jsonl"
+            with open(path, "wb") as handle:
+                session.stream_file(file_id, handle, label)
+            return path
+
+        for batch_id in ids:
+            batch = session.retrieve(batch_id)
+            if batch.status == "failed":
+                raise UserError(f"batch {batch_id} failed as a whole ({validation_errors(batch)}); fix the input "
+                                "and --run it again (--retry_failed rebuilds requests that failed inside a batch)")
+            if batch.status not in FINAL:
+                raise UserError(f"batch {batch_id} is {batch.status}; wait for it with --wait before --retry_failed")
+            if file_id_or_none(batch.error_file_id):
+                failed.update(_failures(fetch(batch.error_file_id, f"the errors of {batch_id}")))
+            retry = isinstance(batch.metadata, dict) and batch.metadata.get("retry_of")
+            if retry and file_id_or_none(batch.output_file_id):
+                output = fetch(batch.output_file_id, f"the output of {batch_id}")
+                answered.update(line.get("custom_id") for _, line in iter_jsonl_objects(output) if is_success(line))
+    return {custom_id: code for custom_id, code in failed.items() if custom_id not in answered}
 
 
 def _failures(path: Path) -> dict[str, str]:
@@ -626,17 +381,24 @@ def _failures(path: Path) -> dict[str, str]:
             custom_id = line.get("custom_id")
             if not isinstance(custom_id, str):
                 raise UserError(f"{path}:{line_number}: no custom_id; is this a Batch API error file?")
-            failed[custom_id] = _error_code(line)
+            failed[custom_id] = error_code(line)
     return failed
 
 
 def retry_failed(session: Session, ids: list[str] | None, input_path: str, output: str,
-                 errors_file: str | None) -> int:
-    """Write the requests of the input that failed or expired to ``output`` (split at the limits)."""
+                 errors_file: str | None, track: bool = True) -> int:
+    """Write the requests of the input that failed or expired to ``output`` (split at the limits).
+
+    With ``track`` (the batches came from the ids file), the ids file keeps the original
+    ids and notes the new file's sha256, so that its ``--run`` adds the retry batches
+    beside them instead of replacing them.
+    """
     inputs = batchfile.resolve_batch_files(input_path)
     output_path = cli.check_output_path(output, inputs, flag="--retry_failed")
     if output_path.suffix != ".jsonl":
         raise UserError(f"--retry_failed {output_path}: the Batch API takes .jsonl files only; end the name in .jsonl")
+    ids_file = Path(session.ids_file)
+    saved = read_ids_file(ids_file) if track else None  # a bad ids file is refused before any work
     failed = _failures(Path(errors_file)) if errors_file else failed_ids_from_api(session, ids or [])
     if not failed:
         print("no failed or expired requests; nothing to retry")
@@ -657,6 +419,10 @@ def retry_failed(session: Session, ids: list[str] | None, input_path: str, outpu
     detail = ", ".join(f"{count:,} {code}" for code, count in codes.most_common())
     print(f"wrote {writer.count:,} requests that failed or expired ({detail}) to "
           f"{', '.join(map(str, paths))}; submit them with: python batch_utils.py --run --file {output_path}")
+    if saved is not None and saved.ids:
+        save_batch_ids(ids_file, saved.ids, {**saved.pending, **{sha256_of(p): p.name for p in paths}})
+        print(f"{ids_file} keeps the {len(saved.ids)} original batch id(s); that --run adds the retry batches "
+              "beside them")
     return 0
 
 
@@ -664,21 +430,16 @@ def list_recent(session: Session, limit: int) -> None:
     saved: set[str] = set()
     with contextlib.suppress(UserError):
         saved = set(load_batch_ids(session.ids_file))
-    rows = []
-    page = session.call("listing batches", session.client.batches.list, limit=min(limit, 100))
-    for batch in page:  # the SDK follows the cursor (after=...) page by page
-        rows.append(batch)
-        if len(rows) >= limit:
-            break
+    rows = session.list_batches(limit)
     if not rows:
         print(f"no batches at {session.url}; submit one with: python batch_utils.py --run --file batchinput.jsonl")
         return
     print(f"{len(rows)} most recent batch(es) at {session.url} (* = saved in {session.ids_file}):")
     for batch in rows:
-        total, completed, failed = _counts(batch)
+        total, completed, failed = request_counts(batch)
         note = (batch.metadata or {}).get("description") or (batch.metadata or {}).get("source_file") or ""
         mark = "*" if batch.id in saved else " "
-        print(f"{mark} {batch.id}  {batch.status:<11} {_when(batch.created_at)}  {batch.endpoint:<20} "
+        print(f"{mark} {batch.id}  {batch.status:<11} {when(batch.created_at)}  {batch.endpoint:<20} "
               f"{completed + failed:>6,}/{total:<6,} {note}".rstrip())
 
 
@@ -699,6 +460,12 @@ def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     session = Session(args.key_file, args.base_url, args.max_retries, args.ids_file)
     try:
         return _run(session, args)
+    except Exception as exc:  # no message, traceback or not, may carry the key
+        text = session.redact(str(exc))
+        if text == str(exc):
+            raise
+        raise (UserError(text) if isinstance(exc, UserError) else RuntimeError(f"{type(exc).__name__}: {text}")) \
+            from None
     finally:
         session.close()
 
@@ -706,15 +473,15 @@ def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 def _run(session: Session, args: argparse.Namespace) -> int:
     if args.retry_failed:
         ids = None if args.errors_file else (parse_ids(args.id) if args.id else load_batch_ids(args.ids_file))
-        return retry_failed(session, ids, args.file, args.retry_failed, args.errors_file)
+        return retry_failed(session, ids, args.file, args.retry_failed, args.errors_file, track=not args.id)
     if not (args.run or args.check or args.wait or args.cancel or args.download):
         list_recent(session, args.limit)
         return 0
     protected = _protected_paths(args)
     if args.download:  # refuse a bad output path before any upload or wait
-        cli.check_output_path(args.download, protected, flag="--download")
+        download_targets(args.download, protected)
     if args.run:
-        ids = submit(session, args.file, args.description)
+        ids = submit(session, args.file, args.description, args.force)
     else:
         ids = parse_ids(args.id) if args.id else load_batch_ids(args.ids_file)
     status = 0

@@ -5,7 +5,8 @@ Kinds (``--input_format auto`` picks by extension, or by content for ``.json``):
 - ``jsonl``    one JSON object per line (``.jsonl``, ``.ndjson``, or ``.json`` starting with ``{``)
 - ``json``     a JSON array of objects (``.json`` starting with ``[``), parsed incrementally
 - ``csv``      a header row then one row per record (``.csv``; ``.tsv`` is tab-separated);
-               read with the stdlib so every value stays text exactly as written
+               read with the stdlib so every value stays text exactly as written, and
+               strictly: an unclosed quote or a short, long or NUL row is an error
 - ``parquet``  a Parquet file (``.parquet``, ``.pq``), streamed through ``datasets``
 - ``hf``       a Hugging Face dataset saved with ``save_to_disk`` (a folder), memory-mapped
 
@@ -24,6 +25,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import string
 import sys
 from dataclasses import dataclass, field
@@ -155,7 +157,15 @@ def _iter_json_array_rows(path: Path, chunk_size: int = 1 << 20,
                         continue
                     raise UserError(f"{error_where}: not valid JSON ({exc.msg}); "
                                     "fix the file or convert it to JSONL") from None
+                except RecursionError:
+                    raise UserError(f"{where_at(pos)} (row {index}): JSON nested too deeply to read; "
+                                    "flatten the record") from None
             where = f"{where_at(pos)} (row {index})"
+            surrogate = _lone_surrogate(buf, pos, end, obj)
+            if surrogate is not None:
+                raise UserError(f"{where_at(surrogate)} (row {index}): a lone surrogate escape "
+                                f"{buf[surrogate:surrogate + 6]} (half of a UTF-16 pair) is no character and cannot be "
+                                "written as UTF-8; fix or remove it")
             pos = end
             yield Row(index, where, _require_object(obj, where))
             index += 1
@@ -169,34 +179,125 @@ def _iter_json_array_rows(path: Path, chunk_size: int = 1 << 20,
                             "in the JSON array; fix the file")
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_LOW_SURROGATE_ESCAPE = re.compile(r"\\u[dD][c-fC-F][0-9a-fA-F]{2}")
+
+
+def _has_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_surrogate(k) or _has_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_surrogate(v) for v in value)
+    return False
+
+
+def _lone_surrogate(text: str, start: int, end: int, obj: Any) -> int | None:
+    """The offset of the first lone ``\\uD800``-``\\uDFFF`` escape in ``text[start:end]``
+    (JSON allows it, UTF-8 cannot write it), or None. Pairs, which decode to one
+    character, are fine; the decoded ``obj`` is only walked when an escape is there."""
+    first = _SURROGATE_ESCAPE.search(text, start, end)
+    if first is None or not _has_surrogate(obj):
+        return None
+    match = first
+    while match is not None:
+        is_high = match.group()[3].lower() in "89ab"
+        paired = is_high and _LOW_SURROGATE_ESCAPE.match(text, match.end(), end)
+        if not paired:
+            return match.start()
+        match = _SURROGATE_ESCAPE.search(text, paired.end(), end)
+    return first.start()
+
+
 def _iter_csv_rows(path: Path) -> Iterator[Row]:
+    """Rows of a CSV/TSV file, read strictly: a quote never closed, a column named twice,
+    a row longer or shorter than the header, a NUL byte or any other malformed line is a
+    ``UserError`` naming file:line, never rows silently merged, cut or renamed."""
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # prompts can be long
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     with open(path, "r", encoding="utf-8-sig", newline="") as handle:
-        reader = csv.reader(handle, delimiter=delimiter)
+
+        def lines() -> Iterator[str]:
+            for number, line in enumerate(handle, 1):
+                if "\0" in line:  # the csv module takes NUL as text since Python 3.11
+                    raise UserError(f"{path}:{number}: a NUL byte; a prompts file is text, save it as UTF-8 CSV")
+                yield line
+
+        reader = csv.reader(lines(), delimiter=delimiter, strict=True)
+        start = 1  # the line the record being read starts on
         try:
             header = next(reader, None)
             if not header:
                 raise UserError(f"{path}: no header row; the first line must name the columns")
+            seen = set()
+            for name in header:
+                if name in seen:
+                    raise UserError(f"{path}:1: column {name!r} appears twice in the header; "
+                                    "rename one (each column becomes one field)")
+                seen.add(name)
             index = 0
+            start = reader.line_num + 1
             for values in reader:
+                where = f"{path}:{start} (row {index})"
+                start = reader.line_num + 1
                 if not values:
                     continue
-                where = f"{path}:{reader.line_num} (row {index})"
                 if len(values) != len(header):
                     raise UserError(f"{where}: {len(values)} values but the header has {len(header)} "
                                     "columns; quote values that contain the delimiter")
                 yield Row(index, where, dict(zip(header, values)))
                 index += 1
         except csv.Error as exc:
-            raise UserError(f"{path}:{reader.line_num}: bad CSV ({exc})") from None
+            if "unexpected end of data" in str(exc):
+                line = _unclosed_quote_line(path, start, delimiter)
+                raise UserError(f"{path}:{line}: a quoted field starts here and is never closed; close it "
+                                '(a quote inside a quoted field is written "")') from None
+            raise UserError(f"{path}:{reader.line_num}: bad CSV ({exc}); quote fields that hold "
+                            'quotes, and write a quote inside them as ""') from None
         except UnicodeDecodeError as exc:
             raise UserError(f"{path}: not UTF-8 text ({exc.reason}); save the file as UTF-8") from None
+
+
+def _unclosed_quote_line(path: Path, start: int, delimiter: str) -> int:
+    """The line of the last quote that opens a field, scanning a record from line ``start``
+    to the end of the file (only called when that record's quote never closes)."""
+    opened_at, state = start, "start"  # start of a field, "field", "quoted", "quote?" (closing or doubled)
+    with open(path, "r", encoding="utf-8-sig", newline="") as handle:
+        for number, line in enumerate(handle, 1):
+            if number < start:
+                continue
+            for char in line:
+                if state == "quote?":
+                    if char == '"':
+                        state = "quoted"
+                        continue
+                    state = "field"  # the quote closed the field; this character follows it
+                if state == "quoted":
+                    if char == '"':
+                        state = "quote?"
+                elif char == '"' and state == "start":
+                    state, opened_at = "quoted", number
+                elif char in (delimiter, "\n", "\r"):
+                    state = "start"
+                else:
+                    state = "field"
+    return opened_at
 
 
 def _iter_parquet_rows(path: Path) -> Iterator[Row]:
     import datasets
 
+    with open(path, "rb") as handle:  # datasets logs a traceback for a file that is not Parquet
+        head = handle.read(4)
+        handle.seek(max(0, path.stat().st_size - 4))
+        if head != b"PAR1" or handle.read(4) != b"PAR1":
+            raise UserError(f"{path}: not a Parquet file (no PAR1 marks at its start and end); "
+                            "check the file, or name its format with --input_format")
     try:
         stream = datasets.load_dataset("parquet", data_files=str(path), split="train", streaming=True)
         for index, data in enumerate(stream):
@@ -274,10 +375,20 @@ class PromptOptions:
         for _, name, spec, conversion in parsed:
             if name is None:
                 continue
-            if not name.isidentifier() and not name.replace("-", "_").replace(" ", "_").isidentifier():
-                raise UserError(f"--prompt_template placeholder {{{name}}} is not a plain field name; "
-                                "use {field} and write literal braces as {{ and }}")
-            names.append(name)
+            if spec:
+                kind = "has a format spec"
+            elif conversion:
+                kind = "has a conversion"
+            elif name == "" or name.isdigit():
+                kind = "is positional"
+            elif "." in name or "[" in name:
+                kind = "reads an attribute or index"
+            else:
+                names.append(name)
+                continue
+            field_text = name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+            raise UserError(f"--prompt_template field {{{field_text}}} {kind}; write plain {{name}} fields "
+                            "(and {{ }} for literal braces)")
         if not names:
             raise UserError("--prompt_template has no {field} placeholder; name at least one row field")
         return names
@@ -294,15 +405,28 @@ def add_prompt_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
              help="row field holding a whole chat conversation [{role, content}, ...], used when a row has no prompt field")
     add_flag(group, "id_field", default=None, help="row field to use as custom_id (default: request-<row>)")
     add_flag(group, "prompt_template", default=None,
-             help="build the prompt from row fields, e.g. 'Question: {question}\\nAnswer:' (literal braces as {{ }})")
+             help="build the prompt from row fields, e.g. 'Question: {question}\\nAnswer:': plain {field} names "
+                  "only, literal braces as {{ }}; \\n, \\t and \\\\ mean newline, tab and backslash")
     system = group.add_mutually_exclusive_group()
-    add_flag(system, "system_prompt", default=None, help="system prompt put before every conversation")
-    add_flag(system, "system_prompt_file", default=None, help="file whose text is the system prompt")
+    add_flag(system, "system_prompt", default=None,
+             help="system prompt put before every conversation; \\n, \\t and \\\\ mean newline, tab and backslash")
+    add_flag(system, "system_prompt_file", default=None, help="file whose text is the system prompt, taken as written")
     return group
 
 
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """``\\n``, ``\\t`` and ``\\\\`` as newline, tab and one backslash, as a shell user
+    means them in ``'Question: {q}\\nAnswer:'``; any other backslash stays as written."""
+    return re.sub(r"\\([nt\\])", lambda match: _ESCAPES[match.group(1)], text)
+
+
 def options_from_args(args: argparse.Namespace) -> PromptOptions:
-    system = args.system_prompt
+    """``PromptOptions`` from the flags: escapes in --prompt_template and --system_prompt
+    interpreted (not in --system_prompt_file), the template checked before any row is read."""
+    system = unescape(args.system_prompt) if args.system_prompt is not None else None
     if args.system_prompt_file:
         try:
             system = Path(args.system_prompt_file).read_text(encoding="utf-8").strip()
@@ -310,7 +434,8 @@ def options_from_args(args: argparse.Namespace) -> PromptOptions:
             raise UserError(f"--system_prompt_file {args.system_prompt_file}: cannot read it ({exc.strerror})") from None
         if not system:
             raise UserError(f"--system_prompt_file {args.system_prompt_file} is empty; put the system prompt in it")
-    options = PromptOptions(args.prompt_field, args.messages_field, args.id_field, args.prompt_template, system)
+    template = unescape(args.prompt_template) if args.prompt_template is not None else None
+    options = PromptOptions(args.prompt_field, args.messages_field, args.id_field, template, system)
     options.template_fields()  # fail on a malformed template before reading any row
     return options
 

@@ -51,11 +51,10 @@ KIND_NAMES = {OPENAI: "an OpenAI batch result line (custom_id, response, error)"
               FINETUNED: "a fine-tuned generations line (custom_id, generated_text)"}
 OUTPUT_SUFFIXES = (".jsonl", ".csv", ".tsv", ".parquet")
 
-# Output columns in their order. Keys a record does not have are left out of JSONL
-# lines and left empty in CSV/Parquet. ``--keep_fields`` columns come last.
-COLUMNS = ("id", "generated_text", "samples", "sample_finish_reasons", "embedding", "embeddings",
-           "refusal", "tool_calls", "source", "model", "finish_reason", "prompt_tokens",
-           "completion_tokens", "reasoning_tokens", "adapter", "adapter_sha256", "generation")
+# Output columns, in this order, in every reformatted file of every route (see the
+# module docstring); ``--keep_fields`` columns come after them.
+COLUMNS = ("id", "generated_text", "source", "model", "adapter", "finish_reason", "refusal",
+           "prompt_tokens", "completion_tokens", "reasoning_tokens", "samples", "details")
 FAILED_COLUMNS = ("id", "reason", "status_code", "error_code", "message")
 
 
@@ -244,9 +243,11 @@ class Result:
 
 def line_kind(obj: dict) -> str | None:
     """``"openai"``, ``"finetuned"`` or None for a line of neither known kind."""
+    if obj.get("source") == FINETUNED:  # a fine-tuned record, failed ones ("error") included
+        return FINETUNED
     if "response" in obj or ("error" in obj and "custom_id" in obj and "generated_text" not in obj):
         return OPENAI
-    if "generated_text" in obj or obj.get("source") == FINETUNED:
+    if "generated_text" in obj:
         return FINETUNED
     return None
 
@@ -277,29 +278,37 @@ def _error_parts(error: Any) -> tuple[Any, str | None]:
     return None, str(error)
 
 
-def _answer_record(custom_id: str, answer: Answer, source: str, model: Any) -> dict:
-    record: dict[str, Any] = {"id": custom_id}
-    if answer.embeddings is not None:
-        # Embeddings have no text: generated_text is null, the vector is kept.
-        record["generated_text"] = None
-        record["embedding"] = answer.embeddings[0] if answer.embeddings else None
-        if len(answer.embeddings) > 1:
-            record["embeddings"] = answer.embeddings
-    else:
-        record["generated_text"] = answer.texts[0] if answer.texts else ""
-        if len(answer.texts) > 1:
-            record["samples"] = answer.texts
-            record["sample_finish_reasons"] = answer.finish_reasons
-        if answer.refusal:
-            record["refusal"] = True
-        if answer.tool_calls:
-            record["tool_calls"] = answer.tool_calls
-    record["source"] = source
-    record["model"] = model
-    if answer.finish_reasons:
-        record["finish_reason"] = answer.finish_reasons[0]
-    record.update(answer.usage)
-    return record
+def output_record(custom_id: str, texts: list[str], finish_reasons: list, *, source: str, model: Any,
+                  adapter: Any = None, refusal: bool = False, usage: dict | None = None,
+                  details: dict | None = None) -> dict:
+    """The one output record of every route: every column of COLUMNS, none null.
+
+    JSON has no types, so a column that is null in a file's first lines has none
+    (``datasets`` then refuses the next file that has a value there): absent text is "",
+    absent counts 0, and ``samples`` always holds every sample (one when n = 1).
+    """
+    usage = usage or {}
+    return {"id": custom_id, "generated_text": texts[0] if texts else "", "source": source,
+            "model": model if isinstance(model, str) else "", "adapter": adapter if isinstance(adapter, str) else "",
+            "finish_reason": (finish_reasons[0] if finish_reasons else None) or "", "refusal": refusal,
+            "prompt_tokens": usage.get("prompt_tokens", 0), "completion_tokens": usage.get("completion_tokens", 0),
+            "reasoning_tokens": usage.get("reasoning_tokens", 0),
+            "samples": [{"text": text, "finish_reason": reason or ""} for text, reason in zip(texts, finish_reasons)],
+            "details": dumps(details or {})}
+
+
+def _answer_record(custom_id: str, answer: Answer, endpoint: str) -> dict:
+    details: dict[str, Any] = {"endpoint": endpoint}
+    if answer.tool_calls:
+        details["tool_calls"] = answer.tool_calls
+    texts, reasons = answer.texts, answer.finish_reasons
+    if answer.embeddings is not None:  # no text: the vectors go to details
+        details["embeddings"] = answer.embeddings
+        texts, reasons = [""], [""]
+    elif len(reasons) < len(texts):
+        reasons = reasons + [None] * (len(texts) - len(reasons))
+    return output_record(custom_id, texts, reasons, source=OPENAI, model=answer.model, refusal=answer.refusal,
+                         usage=answer.usage, details=details)
 
 
 def _judge(custom_id: str, answer: Answer, record: dict, options: ResultOptions) -> Result:
@@ -346,12 +355,12 @@ def openai_result(obj: dict, where: str, options: ResultOptions = ResultOptions(
                        f"HTTP status {status}" if status != 200 else "status 200 but no response body")
         return Result(custom_id, False, failed_record(custom_id, "error", status_code=status, error_code=code,
                                                       message=message, source=OPENAI))
-    answer = body_answer(body, where)
+    answer = body_answer(body, where)  # raises for an unknown body: body_endpoint is known below
     if answer.error is not None:
         code, message = answer.error
         return Result(custom_id, False, failed_record(custom_id, "error", status_code=status, error_code=code,
                                                       message=message, source=OPENAI, model=answer.model))
-    return _judge(custom_id, answer, _answer_record(custom_id, answer, OPENAI, answer.model), options)
+    return _judge(custom_id, answer, _answer_record(custom_id, answer, body_endpoint(body)), options)
 
 
 def finetuned_answer(obj: dict, where: str) -> Answer:
@@ -372,6 +381,10 @@ def finetuned_answer(obj: dict, where: str) -> Answer:
     return answer
 
 
+FINETUNED_DETAILS = ("model_sha256", "adapter_sha256", "engine", "generation", "fingerprint",
+                     "ignored_fields", "created")
+
+
 def finetuned_result(obj: dict, where: str, options: ResultOptions = ResultOptions()) -> Result:
     custom_id = obj.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id:
@@ -379,12 +392,15 @@ def finetuned_result(obj: dict, where: str, options: ResultOptions = ResultOptio
     if obj.get("error"):
         code, message = _error_parts(obj["error"])
         return Result(custom_id, False, failed_record(custom_id, "error", error_code=code, message=message,
-                                                      source=FINETUNED, model=obj.get("model")))
+                                                      source=FINETUNED, model=obj.get("model"),
+                                                      adapter=obj.get("adapter")))
     answer = finetuned_answer(obj, where)
-    record = _answer_record(custom_id, answer, FINETUNED, answer.model)
-    for key in ("adapter", "adapter_sha256", "generation"):
-        if key in obj:
-            record[key] = obj[key]
+    details = {key: obj[key] for key in FINETUNED_DETAILS if key in obj}
+    samples = obj.get("samples")
+    if isinstance(samples, list) and len(samples) > 1:
+        details["sample_completion_tokens"] = [sample.get("completion_tokens") for sample in samples]
+    record = output_record(custom_id, answer.texts, answer.finish_reasons, source=FINETUNED, model=answer.model,
+                           adapter=obj.get("adapter"), usage=answer.usage, details=details)
     return _judge(custom_id, answer, record, options)
 
 
@@ -484,33 +500,69 @@ class ResultStore:
     Each result's output record is appended to a spool file; a temporary SQLite
     database holds one small row per result (custom_id, ok, offset, length) and one per
     original request (position, custom_id, kept fields). Both live in a folder under
-    ``$TMPDIR`` (or ``tmp_dir``) that ``close()`` removes.
+    ``$TMPDIR`` (or ``tmp_dir``) that ``close()`` removes, on every way out: errors,
+    SIGTERM (``cli.Terminated``) and Ctrl+C included. A full disk there (SQLite's
+    "database or disk is full", or a failed spool write) is a ``UserError`` naming the folder.
     """
 
     BATCH = 10_000
 
     def __init__(self, tmp_dir: str | None = None):
-        self.folder = Path(tempfile.mkdtemp(prefix="reformat-results-", dir=tmp_dir))
-        self.spool = open(self.folder / "records.bin", "w+b")
+        from datagen.cli import held_signals
+
+        self.tmp_dir = Path(tmp_dir or tempfile.gettempdir())
+        self.folder = self.spool = self.db = None
         self.spool_size = 0
-        self.db = sqlite3.connect(self.folder / "index.sqlite", isolation_level=None)
-        self.db.create_function("natural_key", 1, natural_key, deterministic=True)
-        for pragma in ("journal_mode = OFF", "synchronous = OFF", "locking_mode = EXCLUSIVE",
-                       "cache_size = -32768", "temp_store = FILE"):
-            self.db.execute(f"PRAGMA {pragma}")
-        self.db.execute("CREATE TABLE results (custom_id TEXT NOT NULL, ok INTEGER NOT NULL, "
-                        "offset INTEGER NOT NULL, length INTEGER NOT NULL)")
-        self.db.execute("CREATE TABLE inputs (pos INTEGER PRIMARY KEY, custom_id TEXT NOT NULL, "
-                        "src TEXT NOT NULL, keep BLOB)")
         self.has_inputs = False
         self.indexed = False
+        try:
+            with self._faults():
+                with held_signals():  # recorded for close() before a signal can stop us
+                    self.folder = Path(tempfile.mkdtemp(prefix="reformat-results-", dir=self.tmp_dir))
+                self.spool = open(self.folder / "records.bin", "w+b")
+                self.db = sqlite3.connect(self.folder / "index.sqlite", isolation_level=None)
+                self.db.create_function("natural_key", 1, natural_key, deterministic=True)
+                for pragma in ("journal_mode = OFF", "synchronous = OFF", "locking_mode = EXCLUSIVE",
+                               "cache_size = -32768", "temp_store = FILE"):
+                    self.db.execute(f"PRAGMA {pragma}")
+                self.db.execute("CREATE TABLE results (custom_id TEXT NOT NULL, ok INTEGER NOT NULL, "
+                                "offset INTEGER NOT NULL, length INTEGER NOT NULL)")
+                self.db.execute("CREATE TABLE inputs (pos INTEGER PRIMARY KEY, custom_id TEXT NOT NULL, "
+                                "src TEXT NOT NULL, keep BLOB)")
+        except BaseException:
+            self.close()
+            raise
+
+    def _fault(self, exc: Exception) -> UserError:
+        """A fault of the temporary folder (SQLite or OS) as one line naming it."""
+        import errno
+
+        from datagen.cli import describe_os_error
+
+        if isinstance(exc, sqlite3.OperationalError):
+            if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_FULL and "full" not in str(exc):
+                return UserError(f"temporary folder {self.tmp_dir}: SQLite error ({exc}); "
+                                 "point TMPDIR at a local, writable folder")
+            exc = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return UserError(f"temporary folder (TMPDIR) {describe_os_error(exc, self.tmp_dir)}")
+
+    @contextlib.contextmanager
+    def _faults(self) -> Iterator[None]:
+        try:
+            yield
+        except (sqlite3.OperationalError, OSError) as exc:
+            raise self._fault(exc) from None
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.db.close()
-        with contextlib.suppress(Exception):
-            self.spool.close()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        """Remove the folder and all in it; safe to call twice, never fails."""
+        from datagen.cli import held_signals
+
+        with held_signals():  # a second signal must not leave the folder behind
+            for thing in (self.db, self.spool):
+                with contextlib.suppress(Exception):
+                    thing.close()
+            if self.folder is not None:
+                shutil.rmtree(self.folder, ignore_errors=True)
 
     def __enter__(self) -> "ResultStore":
         return self
@@ -519,9 +571,10 @@ class ResultStore:
         self.close()
 
     def _insert(self, sql: str, rows: Iterable[tuple]) -> int:
+        # Only SQLite's errors are the folder's: ``rows`` reads the user's files.
         count, batch = 0, []
-        self.db.execute("BEGIN")
         try:
+            self.db.execute("BEGIN")
             for row in rows:
                 batch.append(row)
                 if len(batch) >= self.BATCH:
@@ -531,14 +584,18 @@ class ResultStore:
             if batch:
                 self.db.executemany(sql, batch)
                 count += len(batch)
-        finally:
-            self.db.execute("COMMIT")
+            self.db.execute("COMMIT")  # not on failure: the store is thrown away then
+        except sqlite3.OperationalError as exc:
+            raise self._fault(exc) from None
         return count
 
     def _spooled(self, rows: Iterable[tuple[str, bool, bytes]]) -> Iterator[tuple[str, bool, int, int]]:
         write, offset = self.spool.write, self.spool_size
         for custom_id, ok, record in rows:
-            write(record)
+            try:
+                write(record)
+            except OSError as exc:  # disk full: a write error names no file
+                raise self._fault(exc) from None
             yield custom_id, ok, offset, len(record)
             offset += len(record)
         self.spool_size = offset
@@ -554,24 +611,28 @@ class ResultStore:
 
     def _index(self) -> None:
         if not self.indexed:
-            self.db.execute("CREATE INDEX results_by_id ON results (custom_id, ok DESC)")
-            self.db.execute("CREATE INDEX inputs_by_id ON inputs (custom_id)")
+            with self._faults():
+                self.db.execute("CREATE INDEX results_by_id ON results (custom_id, ok DESC)")
+                self.db.execute("CREATE INDEX inputs_by_id ON inputs (custom_id)")
             self.indexed = True
 
     def check_unique_inputs(self, flag: str) -> None:
         self._index()
-        row = self.db.execute("SELECT custom_id FROM inputs GROUP BY custom_id HAVING COUNT(*) > 1 "
-                              "ORDER BY MIN(pos) LIMIT 1").fetchone()
+        with self._faults():
+            row = self.db.execute("SELECT custom_id FROM inputs GROUP BY custom_id HAVING COUNT(*) > 1 "
+                                  "ORDER BY MIN(pos) LIMIT 1").fetchone()
+            if row:
+                first, second = [r[0] for r in self.db.execute(
+                    "SELECT src FROM inputs WHERE custom_id = ? ORDER BY pos LIMIT 2", row)]
         if row:
-            first, second = [r[0] for r in self.db.execute(
-                "SELECT src FROM inputs WHERE custom_id = ? ORDER BY pos LIMIT 2", row)]
             raise UserError(f"{second}: duplicate custom_id {row[0]!r} in {flag} (first at {first}); "
                             "ids must be unique to join results to requests")
 
     def extra_count(self) -> int:
         self._index()
-        return self.db.execute("SELECT COUNT(DISTINCT custom_id) FROM results r WHERE NOT EXISTS "
-                               "(SELECT 1 FROM inputs i WHERE i.custom_id = r.custom_id)").fetchone()[0]
+        with self._faults():
+            return self.db.execute("SELECT COUNT(DISTINCT custom_id) FROM results r WHERE NOT EXISTS "
+                                   "(SELECT 1 FROM inputs i WHERE i.custom_id = r.custom_id)").fetchone()[0]
 
     def rows(self) -> Iterator[tuple[str, bytes | None, int | None, int | None, int | None]]:
         """``(custom_id, keep_json, ok, offset, length)``: every stored result (ok None for
@@ -581,21 +642,26 @@ class ResultStore:
         Without: in natural order of custom_id.
         """
         self._index()
-        self.spool.flush()
         natural = "ORDER BY natural_key(r.custom_id), r.custom_id, r.ok DESC, r.rowid"
         columns = "r.custom_id, NULL, r.ok, r.offset, r.length"
-        if not self.has_inputs:
-            yield from self.db.execute(f"SELECT {columns} FROM results r {natural}")
-            return
-        yield from self.db.execute(
-            "SELECT i.custom_id, i.keep, r.ok, r.offset, r.length FROM inputs i "
-            "LEFT JOIN results r ON r.custom_id = i.custom_id ORDER BY i.pos, r.ok DESC, r.rowid")
-        yield from self.db.execute(
-            f"SELECT {columns} FROM results r WHERE NOT EXISTS "
-            f"(SELECT 1 FROM inputs i WHERE i.custom_id = r.custom_id) {natural}")
+        # The consumer's exceptions never pass through here: only the store's own are caught.
+        with self._faults():
+            self.spool.flush()
+            if not self.has_inputs:
+                yield from self.db.execute(f"SELECT {columns} FROM results r {natural}")
+                return
+            yield from self.db.execute(
+                "SELECT i.custom_id, i.keep, r.ok, r.offset, r.length FROM inputs i "
+                "LEFT JOIN results r ON r.custom_id = i.custom_id ORDER BY i.pos, r.ok DESC, r.rowid")
+            yield from self.db.execute(
+                f"SELECT {columns} FROM results r WHERE NOT EXISTS "
+                f"(SELECT 1 FROM inputs i WHERE i.custom_id = r.custom_id) {natural}")
 
     def record(self, offset: int, length: int) -> bytes:
-        return os.pread(self.spool.fileno(), length, offset)
+        try:
+            return os.pread(self.spool.fileno(), length, offset)
+        except OSError as exc:
+            raise self._fault(exc) from None
 
 
 @dataclass
@@ -648,37 +714,32 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def parquet_type(column: str, seen_types: set[str] | None = None):
-    """The Arrow type of an output column (keep fields: by the Python types seen)."""
+def arrow_types(keep_types: dict[str, set[str]] | None = None, columns: Iterable[str] = COLUMNS) -> dict:
+    """The Arrow type of each output column; a kept field's by the Python types seen in
+    it (only ints: int64; numbers: float64; only bools: bool; else text, JSON text for
+    anything not a string). ``prompt`` is always a list of {role, content}."""
     import pyarrow as pa
 
-    fixed = {"samples": pa.list_(pa.string()), "sample_finish_reasons": pa.list_(pa.string()),
-             "embedding": pa.list_(pa.float64()), "embeddings": pa.list_(pa.list_(pa.float64())),
-             "refusal": pa.bool_(), "prompt_tokens": pa.int64(), "completion_tokens": pa.int64(),
-             "reasoning_tokens": pa.int64(), "tool_calls": pa.string(), "generation": pa.string(),
-             "status_code": pa.int64()}
-    if column in fixed:
-        return fixed[column]
-    if seen_types is None:
-        return pa.string()
-    kinds = seen_types - {"NoneType"}
-    if kinds == {"bool"}:
-        return pa.bool_()
-    if kinds == {"int"}:
-        return pa.int64()
-    if kinds and kinds <= {"int", "float"}:
-        return pa.float64()
-    return pa.string()  # text, or JSON text for nested / mixed values
-
-
-JSON_TEXT_COLUMNS = {"tool_calls", "generation"}
+    fixed = {"refusal": pa.bool_(), "prompt_tokens": pa.int64(), "completion_tokens": pa.int64(),
+             "reasoning_tokens": pa.int64(),
+             "samples": pa.list_(pa.struct([("text", pa.string()), ("finish_reason", pa.string())])),
+             PROMPT_FIELD: pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))}
+    types = {name: fixed.get(name, pa.string()) for name in columns}
+    for name, seen in (keep_types or {}).items():
+        if name == PROMPT_FIELD:
+            continue
+        kinds = seen - {"NoneType"}
+        types[name] = (pa.bool_() if kinds == {"bool"} else pa.int64() if kinds == {"int"} else
+                       pa.float64() if kinds and kinds <= {"int", "float"} else pa.string())
+    return types
 
 
 class Sink:
-    """Writes records to JSONL, CSV or Parquet: ``write(record_json, keep_json)`` (bytes)."""
+    """Writes rows to JSONL, CSV or Parquet: ``write(row_json, keep_json)`` (bytes of JSON
+    objects; ``keep_json`` is appended to the row). Parquet columns have ``types``
+    (Arrow); a value that is not a string in a string column is written as JSON text."""
 
-    def __init__(self, handle, fmt: str, columns: list[str], keep_types: dict[str, set[str]],
-                 delimiter: str = ","):
+    def __init__(self, handle, fmt: str, columns: list[str], types: dict, delimiter: str = ","):
         self.handle, self.fmt, self.columns = handle, fmt, columns
         self.count = 0
         self.rows: list[dict] = []
@@ -690,17 +751,14 @@ class Sink:
             import pyarrow.parquet as pq
 
             self.pa = pa
-            types = {name: parquet_type(name, keep_types.get(name)) for name in columns}
-            # Keep fields typed as text that also hold numbers, lists or objects: JSON text.
-            self.text_columns = {name for name, seen in keep_types.items()
-                                 if types.get(name) == pa.string() and seen - {"str", "NoneType"}}
-            self.schema = pa.schema(list(types.items()))
+            self.schema = pa.schema([(name, types.get(name, pa.string())) for name in columns])
+            self.text_columns = {name for name in columns if self.schema.field(name).type == pa.string()}
             self.writer = pq.ParquetWriter(handle, self.schema)
 
-    def write(self, record_json: bytes, keep_json: bytes | None) -> None:
+    def write(self, record_json: bytes, keep_json: bytes | None = None) -> None:
         self.count += 1
         if self.fmt == "jsonl":
-            if keep_json:
+            if keep_json and keep_json != b"{}":
                 self.handle.write(record_json[:-1] + b"," + keep_json[1:] + b"\n")
             else:
                 self.handle.write(record_json + b"\n")
@@ -721,9 +779,7 @@ class Sink:
         data = {}
         for name in self.columns:
             values = [row.get(name) for row in self.rows]
-            if name in JSON_TEXT_COLUMNS:
-                values = [None if v is None else dumps(v) for v in values]
-            elif name in self.text_columns:
+            if name in self.text_columns:
                 values = [v if v is None or isinstance(v, str) else dumps(v) for v in values]
             data[name] = values
         self.writer.write_table(self.pa.Table.from_pydict(data, schema=self.schema))
@@ -736,21 +792,17 @@ class Sink:
 
 
 @contextlib.contextmanager
-def open_sink(path: Path, columns: list[str], keep_types: dict[str, set[str]]) -> Iterator[Sink]:
-    """A Sink over a temporary file beside ``path``, renamed into place on success."""
+def open_sink(path: Path, columns: list[str], types: dict | None = None) -> Iterator[Sink]:
+    """A Sink over a temporary file beside ``path``, renamed into place on success.
+    ``types``: Arrow types by column, for Parquet (``arrow_types``; default all text)."""
     fmt = output_format(path)
+    if fmt == "parquet" and types is None:
+        types = arrow_types(columns=columns)
     mode = "w" if fmt == "csv" else "wb"
     with atomic_writer(path, mode) as handle:
-        sink = Sink(handle, fmt, columns, keep_types, "\t" if path.suffix.lower() == ".tsv" else ",")
+        sink = Sink(handle, fmt, columns, types or {}, "\t" if path.suffix.lower() == ".tsv" else ",")
         yield sink
         sink.close()
-
-
-def output_columns(keys: Iterable[str], keep_fields: list[str]) -> list[str]:
-    """The known columns that occur, in COLUMNS order, then others, then keep fields."""
-    keys = list(keys)
-    known = [name for name in COLUMNS if name in keys]
-    return known + [name for name in keys if name not in COLUMNS] + list(keep_fields)
 
 
 # --- the original requests ----------------------------------------------------------------
@@ -847,10 +899,8 @@ def fast_chat_record(obj: dict) -> dict | None:
     content = message.get("content")
     if type(content) is not str or not content or content.isspace() or message.get("tool_calls"):
         return None
-    record = {"id": custom_id, "generated_text": content, "source": OPENAI, "model": body.get("model"),
-              "finish_reason": "stop"}
-    record.update(usage_fields(body.get("usage")))
-    return record
+    return output_record(custom_id, [content], ["stop"], source=OPENAI, model=body.get("model"),
+                         usage=usage_fields(body.get("usage")), details={"endpoint": "chat"})
 
 
 def _parse_files(paths: list[Path], kinds: KindCheck, options: ResultOptions,
@@ -934,8 +984,10 @@ def reformat(inputs: list[Path], output: Path, failed_path: Path, *, source_type
         null_keep = dumps_bytes(dict.fromkeys(keep_fields)) if keep_fields else None
         columns = output_columns(counts.keys, keep_fields)
         started = time.perf_counter()
-        with open_sink(output, columns, keep_types) as sink, atomic_writer(failed_path, "wb") as failed:
-            rows = pick(store.rows(), summary.duplicates)
+        # closing(): the cursor is closed while the database is still open, whatever happens.
+        with open_sink(output, columns, keep_types) as sink, atomic_writer(failed_path, "wb") as failed, \
+                contextlib.closing(store.rows()) as stored:
+            rows = pick(stored, summary.duplicates)
             record = store.record
             for custom_id, keep, ok, offset, length in progress(rows, desc="writing", unit="request"):
                 if ok is None:

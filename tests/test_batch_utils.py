@@ -4,6 +4,7 @@ retry-failed and fault cases. Every call also checks that the key is in no outpu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -84,7 +85,8 @@ def write_input(path="batchinput.jsonl", n: int = 10, prefix: str = "q", special
 
 
 def saved_ids() -> list[str]:
-    return Path("last_batch_id.tok").read_text().split()
+    """The batch ids in last_batch_id.tok (not its "# retry: ..." notes)."""
+    return [line for line in Path("last_batch_id.tok").read_text().splitlines() if line and not line.startswith("#")]
 
 
 def by_id(path) -> dict:
@@ -115,7 +117,9 @@ def test_run_wait_download_in_one_command(api, cli):
     assert errors["q3"]["response"]["status_code"] == 400 and errors["q7"]["error"]["code"] == "request_timeout"
     assert sorted(files_in(".")) == ["batchinput.jsonl", "last_batch_id.tok", "openai.tok", "results.jsonl",
                                      "results.jsonl.errors.jsonl"]
-    assert api.batches[batch_id].obj["metadata"] == {"source_file": "batchinput.jsonl", "description": "eval v2"}
+    digest = hashlib.sha256(Path("batchinput.jsonl").read_bytes()).hexdigest()
+    assert api.batches[batch_id].obj["metadata"] == {"source_file": "batchinput.jsonl", "source_sha256": digest,
+                                                     "description": "eval v2"}
 
 
 def test_separate_commands_and_check(api, cli):
@@ -158,8 +162,8 @@ def test_list_recent_batches(api, cli):
     empty = cli()
     assert empty.rc == 0 and "no batches at" in empty.out
     write_input(n=2)
-    for description in ("first", "second", "third"):
-        assert cli("--run", "--description", description).rc == 0
+    for description in ("first", "second", "third"):  # the same file again: --force
+        assert cli("--run", "--force", "--description", description).rc == 0
     listing = cli("--limit", "2")
     lines = listing.out.splitlines()
     assert lines[0].startswith("2 most recent batch(es) at http://127.0.0.1:")
@@ -365,7 +369,8 @@ def test_wrong_key(server, cli):
     write_input(n=1)
     result = cli("--run")
     assert result.rc == 1
-    assert ("uploading batchinput.jsonl: the API refused the key from openai.tok (401 invalid_api_key)"
+    assert ("looking for earlier batches of batchinput.jsonl: the API refused the key from openai.tok (401 "
+            "invalid_api_key)"
             in result.error_line)
     assert "sk-wrong-0000000000000000" not in result.err and not Path("last_batch_id.tok").exists()
 
@@ -478,6 +483,8 @@ def test_429_and_500_bursts_on_upload_and_polling(api, cli):
     result = cli("--run", "--wait", "--download", "results.jsonl")
     assert result.rc == 0, result.err
     statuses = [(method, path.split("/")[1], status) for method, path, status in api.hits]
+    assert statuses[0] == ("GET", "batches", 200)  # the look for an earlier batch of the same file
+    statuses = statuses[1:]
     assert statuses[:4] == [("POST", "files", 429)] * 3 + [("POST", "files", 200)]
     assert statuses[4:7] == [("POST", "batches", 500)] * 2 + [("POST", "batches", 200)]
     assert [s for m, p, s in statuses if m == "GET" and p == "batches"][:5] == [429, 429, 500, 500, 200]

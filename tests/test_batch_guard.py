@@ -1,0 +1,381 @@
+"""batch_utils.py refuses what would be silently wrong: submitting the same file twice,
+losing the original ids on a retry, odd key and state files, a --base_url that is not a
+Batch API, and a --download onto a device. Real HTTP (the local stand-in, or a tiny
+http.server that answers the wrong thing), real files and device nodes."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.server
+import json
+import os
+import stat
+import subprocess
+import threading
+from pathlib import Path
+
+import openai
+import pytest
+
+from datagen.local_batch_server import LocalBatchServer
+from tests.test_batch_utils import KEY, api, cli, saved_ids, server, write_input, write_key  # noqa: F401 (fixtures)
+from tests.util import files_in, read_jsonl, run_script
+
+ALREADY = "was already submitted as batch {id} ({state}); use --check / --wait / --download, or pass --force " \
+          "to submit it again (you pay twice)"
+
+
+def ids_file_lines() -> list[str]:
+    return Path("last_batch_id.tok").read_text().splitlines()
+
+
+def no_temporary_files(folder=".") -> bool:
+    return not [name for name in files_in(folder) if name.endswith(".tmp")]
+
+
+# --- the same file is not submitted twice ------------------------------------------------
+
+
+def test_run_twice_is_refused_while_live_and_once_completed(api, cli):
+    write_input(n=3)
+    assert cli("--run").rc == 0
+    [batch_id] = saved_ids()
+    again = cli("--run")
+    assert again.rc == 1
+    assert f"batchinput.jsonl {ALREADY.format(id=batch_id, state='in_progress')}" in again.error_line
+    assert cli("--wait").rc == 0
+    done = cli("--run", "--wait", "--download", "results.jsonl")
+    assert done.rc == 1 and ALREADY.format(id=batch_id, state="completed") in done.error_line
+    uploads = [hit for hit in api.hits if hit[:2] == ("POST", "/files")]
+    assert list(api.batches) == [batch_id] and len(uploads) == 1
+    assert saved_ids() == [batch_id] and not Path("results.jsonl").exists()
+    forced = cli("--run", "--force")
+    assert forced.rc == 0 and len(api.batches) == 2 and saved_ids() == [list(api.batches)[1]]
+
+
+def test_earlier_batch_found_in_the_recent_list_without_the_ids_file(api, cli):
+    write_input(n=2)
+    assert cli("--run").rc == 0
+    [batch_id] = saved_ids()
+    Path("last_batch_id.tok").unlink()
+    again = cli("--run", "--ids_file", "other.tok")
+    assert again.rc == 1 and ALREADY.format(id=batch_id, state="validating") in again.error_line
+    assert sorted(files_in(".")) == ["batchinput.jsonl", "openai.tok"]
+
+
+def test_edited_file_is_a_new_submission(api, cli):
+    write_input(n=2)
+    assert cli("--run").rc == 0
+    write_input(n=3)  # different content, same name
+    assert cli("--run").rc == 0 and len(api.batches) == 2
+
+
+@pytest.mark.parametrize("ending", ["expired", "cancelled", "failed"])
+def test_a_batch_that_did_not_complete_does_not_block(cli, monkeypatch, ending):
+    with LocalBatchServer(api_key=KEY, token_limit=2 if ending == "failed" else None) as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+        write_key(KEY)
+        write_input(n=3)
+        assert cli("--run").rc == 0
+        [first] = saved_ids()
+        if ending == "expired":
+            server.expire(first)
+        elif ending == "cancelled":
+            assert cli("--cancel").rc == 0
+        assert cli("--wait").rc == {"expired": 4, "cancelled": 5, "failed": 3}[ending]
+        assert server.batches[first].obj["status"] == ending
+        again = cli("--run")
+        assert again.rc == 0 and len(server.batches) == 2 and saved_ids() != [first]
+
+
+def test_one_part_already_submitted_blocks_the_whole_run(api, cli):
+    write_input("batchinput.part-001.jsonl", n=2, prefix="a")
+    write_input("batchinput.part-002.jsonl", n=2, prefix="b")
+    assert cli("--run", "--file", "batchinput.part-002.jsonl").rc == 0
+    [batch_id] = saved_ids()
+    result = cli("--run")
+    assert result.rc == 1
+    assert f"batchinput.part-002.jsonl {ALREADY.format(id=batch_id, state='in_progress')}" in result.error_line
+    uploads = [hit for hit in api.hits if hit[:2] == ("POST", "/files")]
+    assert list(api.batches) == [batch_id] and len(uploads) == 1 and saved_ids() == [batch_id]
+
+
+def test_a_service_that_cannot_list_batches_still_submits(api, cli):
+    write_input(n=1)
+    api.inject(404, count=1, method="GET", path="^/batches$")
+    result = cli("--run")
+    assert result.rc == 0 and "cannot list batches: only the ids in last_batch_id.tok were checked" in result.err
+    assert len(api.batches) == 1
+
+
+def test_local_server_stores_and_returns_metadata(server):
+    metadata = {"source_file": "x.jsonl", "source_sha256": "ab" * 32, "description": "é ok"}
+    with openai.OpenAI(api_key=KEY, base_url=server.base_url) as client:
+        uploaded = client.files.create(file=("x.jsonl", b'{"custom_id": "a"}\n'), purpose="batch")
+        created = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                        completion_window="24h", metadata=metadata)
+        plain = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                      completion_window="24h")
+        metadata["description"] = "changed by the caller afterwards"
+        assert created.metadata["description"] == "é ok"
+        assert client.batches.retrieve(created.id).metadata == {**metadata, "description": "é ok"}
+        listed = {batch.id: batch.metadata for batch in client.batches.list()}
+        assert listed == {created.id: {**metadata, "description": "é ok"}, plain.id: None}
+        with pytest.raises(openai.BadRequestError, match="at most 16 string pairs"):
+            client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h", metadata={f"k{i}": "v" for i in range(17)})
+
+
+# --- --retry_failed keeps the original ids ------------------------------------------------
+
+
+def test_retry_keeps_the_original_ids_beside_the_retries(api, cli):
+    write_input(n=6)
+    assert cli("--run").rc == 0
+    [original] = saved_ids()
+    api.step(original, 2)
+    api.expire(original)  # q0-q2 answered, q3-q5 expired
+    assert cli("--wait").rc == 4
+    retry = cli("--retry_failed", "retry.jsonl")
+    assert retry.rc == 0 and "keeps the 1 original batch id(s)" in retry.out
+    digest = hashlib.sha256(Path("retry.jsonl").read_bytes()).hexdigest()
+    assert ids_file_lines() == [original, f"# retry: retry.jsonl sha256={digest}"]
+    assert cli("--check").rc == 0  # the note is no id
+    rerun = cli("--run", "--file", "retry.jsonl", "--wait", "--download", "retried.jsonl")
+    assert rerun.rc == 0 and "after the 1 batch(es) they retry" in rerun.out
+    [_, retried] = ids_file_lines()
+    assert ids_file_lines() == [original, retried] and api.batches[retried].obj["metadata"]["retry_of"] == original
+    assert {line["custom_id"] for line in read_jsonl("retried.jsonl")} == {"q3", "q4", "q5"}
+    merged = cli("--download", "all.jsonl")  # every saved id: the originals and the retry
+    assert merged.rc == 0 and {line["custom_id"] for line in read_jsonl("all.jsonl")} == {f"q{i}" for i in range(6)}
+    nothing = cli("--retry_failed", "retry2.jsonl")  # the retry answered them: nothing is paid for twice
+    assert nothing.rc == 0 and "nothing to retry" in nothing.out and not Path("retry2.jsonl").exists()
+    assert no_temporary_files()
+    write_input("other.jsonl", n=1, prefix="z")  # an unrelated run replaces the ids, as before
+    assert cli("--run", "--file", "other.jsonl").rc == 0 and len(saved_ids()) == 1
+
+
+def test_retry_of_a_retry_keeps_what_still_fails(api, cli):
+    write_input(n=3, special={1: "[fail]"})
+    assert cli("--run", "--wait").rc == 0
+    [original] = saved_ids()
+    assert cli("--retry_failed", "retry.jsonl").rc == 0
+    assert cli("--run", "--file", "retry.jsonl", "--wait").rc == 0
+    again = cli("--retry_failed", "retry2.jsonl")
+    assert again.rc == 0 and "wrote 1 requests that failed or expired (1 invalid_prompt)" in again.out
+    assert [line["custom_id"] for line in read_jsonl("retry2.jsonl")] == ["q1"]
+    assert ids_file_lines()[0] == original and len(saved_ids()) == 2
+
+
+# --- key and state files ----------------------------------------------------------------
+
+
+def test_key_file_with_a_bom_works(api, cli):
+    Path("openai.tok").write_bytes(b"\xef\xbb\xbf" + KEY.encode() + b"\r\n")
+    write_input(n=1)
+    assert cli("--run").rc == 0
+
+
+@pytest.mark.parametrize("where", ["openai.tok", "env"])
+def test_non_ascii_key_is_refused_by_position_never_shown(server, cli, monkeypatch, where):
+    bad = KEY[:7] + "\u00e9" + KEY[8:]  # position 8
+    if where == "env":
+        monkeypatch.setenv("OPENAI_API_KEY", bad)
+    else:
+        write_key(bad)
+    write_input(n=1)
+    result = cli("--run")
+    assert result.rc == 1 and f"the key has a non-ASCII character at position 8 (of {len(KEY)})" in result.error_line
+    assert bad not in result.err + result.out and bad[8:] not in result.err and server.hits == []
+
+
+def make_loop(path: str) -> None:
+    os.symlink(path, path)  # reading it fails with ELOOP, even for root
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: os.mkdir(p), "is a folder; put the API key in a file"),
+    (lambda p: os.mknod(p, stat.S_IFCHR | 0o666, os.makedev(1, 7)), "is not a regular file (a device, pipe or socket)"),
+    (lambda p: Path(p).write_text(""), "is empty; put your API key on its one line"),
+    (make_loop, "cannot read the API key (Too many levels of symbolic links)"),
+    (lambda p: os.symlink("gone.tok", p), "no such file (or a broken link)"),
+])
+@pytest.mark.parametrize("flag", [[], ["--key_file", "my.key"]])
+def test_bad_key_file_is_one_line(server, cli, monkeypatch, make, message, flag):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)  # a key file that is there wins, even a bad one
+    name = flag[1] if flag else "openai.tok"
+    make(name)
+    result = cli("--check", "--id", "batch_abc", *flag)
+    assert result.rc == 1 and message in result.error_line and server.hits == []
+    assert result.error_line.startswith(f"batch_utils.py: error: {' '.join(flag) or name}")
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: os.mkdir(p), "last_batch_id.tok is not a regular file (a folder or a device); remove it"),
+    (lambda p: os.mknod(p, stat.S_IFCHR | 0o666, os.makedev(1, 3)), "is not a regular file"),
+    (make_loop, "last_batch_id.tok: cannot read it (Too many levels of symbolic links)"),
+    (lambda p: Path(p).write_text(""), "last_batch_id.tok is empty; pass --id BATCH_ID"),
+])
+def test_bad_ids_file_is_one_line(api, cli, make, message):
+    make("last_batch_id.tok")
+    for action in (["--check"], ["--wait"], ["--download", "out.jsonl"], ["--retry_failed", "retry.jsonl"]):
+        result = cli(*action)
+        assert result.rc == 1 and message in result.error_line, action
+    assert api.hits == [] and not Path("out.jsonl").exists() and no_temporary_files()
+
+
+@pytest.mark.parametrize("make", [lambda p: os.mkdir(p), lambda p: os.mknod(p, stat.S_IFCHR | 0o666, os.makedev(1, 3)),
+                                  make_loop])
+def test_run_refuses_a_bad_ids_file_before_uploading(api, cli, make):
+    write_input(n=1)
+    make("last_batch_id.tok")
+    result = cli("--run")
+    assert result.rc == 1 and "last_batch_id.tok" in result.error_line and api.hits == []
+    assert os.path.lexists("last_batch_id.tok") and not os.path.isfile("last_batch_id.tok")
+
+
+def test_an_empty_ids_file_is_replaced_by_run(api, cli):
+    write_input(n=1)
+    Path("last_batch_id.tok").write_text("\n")
+    assert cli("--run").rc == 0 and len(saved_ids()) == 1
+
+
+# --- a --base_url that is not a Batch API -------------------------------------------------
+
+
+class WrongServer:
+    """Answers every request with the same body (an HTML page, ``{}``, or JSON of another
+    shape), or with the body ``routes`` gives for the start of its path."""
+
+    def __init__(self, body: bytes, content_type: str, routes: dict | None = None):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def answer(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body, content_type = next((answer for prefix, answer in (routes or {}).items()
+                                           if self.path.startswith(prefix)), default)
+                self.send_response(200)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = answer
+
+            def log_message(self, *args):
+                pass
+
+        default = (body, content_type)
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.parametrize("body, content_type, shown", [
+    (b"<!doctype html><html><body>Welcome to nginx!</body></html>", "text/html", "got an HTML page"),
+    (b"{}", "application/json", "got {}"),
+    (b'{"id": 3, "data": 5, "status": "done"}', "application/json", '"id":3'),
+    (b'[1, 2]', "application/json", "got [1,2]"),
+])
+@pytest.mark.parametrize("action", [["--run"], ["--run", "--force"], ["--check", "--id", "batch_abc"], [],
+                                    ["--download", "out.jsonl", "--id", "batch_abc"],
+                                    ["--cancel", "--id", "batch_abc"]])
+def test_base_url_that_is_not_a_batch_api_is_one_line(tmp_path, body, content_type, shown, action):
+    write_key(KEY)
+    write_input(n=1)
+    with WrongServer(body, content_type) as url:
+        done = run_script("batch_utils.py", *action, "--base_url", url, "--max_retries", "0", cwd=tmp_path,
+                          timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"batch_utils.py: error: --base_url {url} does not answer like the OpenAI Batch API (")
+    assert line.endswith("; check --base_url / OPENAI_BASE_URL") and shown in line
+    assert "None: None" not in done.stdout and KEY not in done.stdout + done.stderr
+    assert sorted(files_in(tmp_path)) == ["batchinput.jsonl", "openai.tok"]
+
+
+def test_download_of_an_html_page_instead_of_the_output_file(tmp_path):
+    """A proxy that answers the batch but sends a login page for the file content."""
+    write_key(KEY)
+    batch = {"id": "batch_abc", "object": "batch", "endpoint": "/v1/chat/completions", "status": "completed",
+             "input_file_id": "file-in", "output_file_id": "file-out", "error_file_id": None,
+             "completion_window": "24h", "created_at": 1, "request_counts": {"total": 1, "completed": 1, "failed": 0}}
+    page = b"<html><body>Please log in</body></html>"
+    with WrongServer(page, "text/html", {"/v1/batches/": (json.dumps(batch).encode(), "application/json")}) as url:
+        done = run_script("batch_utils.py", "--download", "out.jsonl", "--id", "batch_abc", "--base_url", url,
+                          cwd=tmp_path, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.splitlines()[-1].startswith(f"batch_utils.py: error: --base_url {url} does not answer like the "
+                                                   "OpenAI Batch API (downloading the output of batch_abc file-out: "
+                                                   "got an HTML page)")
+    assert sorted(files_in(tmp_path)) == ["openai.tok"]
+
+
+# --- --download onto something that is not a regular file ---------------------------------
+
+
+@pytest.mark.parametrize("target", ["results.jsonl", "results.jsonl.errors.jsonl"])
+@pytest.mark.parametrize("with_errors", [True, False])
+def test_download_onto_a_device_is_refused_and_the_node_kept(api, cli, target, with_errors):
+    write_input(n=3, special={1: "[fail]"} if with_errors else None)
+    assert cli("--run", "--wait").rc == 0
+    os.mknod(target, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    before = sorted(files_in("."))
+    result = cli("--download", "results.jsonl")
+    assert result.rc == 1 and f"--download {target} is a character device, not a regular file" in result.error_line
+    info = os.stat(target)
+    assert stat.S_ISCHR(info.st_mode) and info.st_rdev == os.makedev(1, 3)
+    assert sorted(files_in(".")) == before and no_temporary_files()
+
+
+def test_download_onto_a_device_is_refused_before_submitting(api, cli):
+    write_input(n=1)
+    os.mknod("results.jsonl", stat.S_IFCHR | 0o666, os.makedev(1, 7))
+    result = cli("--run", "--wait", "--download", "results.jsonl")
+    assert result.rc == 1 and "is a character device, not a regular file" in result.error_line and api.hits == []
+    assert stat.S_ISCHR(os.stat("results.jsonl").st_mode)
+
+
+def test_failed_download_leaves_no_temporary_file(api, cli):
+    write_input(n=20, special={2: "[fail]"})
+    assert cli("--run", "--wait").rc == 0
+    api.inject(500, count=10, method="GET", path="/content$", skip=1)  # the output comes, the errors fail
+    result = cli("--download", "results.jsonl", "--max_retries", "0")
+    assert result.rc == 1 and "downloading the errors of batch_" in result.error_line
+    assert sorted(files_in(".")) == ["batchinput.jsonl", "last_batch_id.tok", "openai.tok"]
+
+
+# --- the ids file is replaced atomically -------------------------------------------------
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 1 MiB tmpfs holding an ids file, then filled to the last byte."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], check=True)
+    try:
+        (folder / "ids.tok").write_text("batch_old111\n")
+        with open(folder / "filler", "wb", buffering=0) as handle, contextlib.suppress(OSError):
+            while True:
+                handle.write(b"\0" * 4096)
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_ids_file_on_a_full_disk_keeps_the_old_one_and_names_the_new_ids(api, cli, full_disk):
+    write_input(n=2)
+    result = cli("--run", "--ids_file", full_disk / "ids.tok")
+    [batch_id] = list(api.batches)
+    assert result.rc == 1 and "no space left" in result.error_line.lower()
+    assert result.error_line.endswith(f"the batch ids were not saved, note them: {batch_id} (pass them with --id)")
+    assert (full_disk / "ids.tok").read_text() == "batch_old111\n"
+    assert sorted(files_in(full_disk)) == ["filler", "ids.tok"]
