@@ -42,7 +42,7 @@ import sys
 import time
 from pathlib import Path
 
-from datagen import batchfile, cli, engine, engine_hf, generation, hf_model, inputs, params, prompts
+from datagen import batchfile, cli, engine, engine_hf, generation, hf_model, inputs, params, prompts, records
 from datagen.errors import UserError
 
 log = logging.getLogger("datagen")
@@ -159,7 +159,7 @@ def generate(args) -> int:
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
     adapters = inputs.parse_adapters(args.adapter_path)
-    engine_name = choose_engine(args)
+    engine_name, why = choose_engine(args)
     outputs = {adapter: inputs.shard_path(path, shard_index, num_shards)
                for adapter, path in inputs.adapter_outputs(args.output_file, list(adapters), args.with_base).items()}
     for output in outputs.values():
@@ -172,14 +172,14 @@ def generate(args) -> int:
     if num_shards > 1:
         log.info("shard %d of %d: %d of %d requests -> %s", shard_index, num_shards, len(ids), total,
                  ", ".join(map(str, outputs.values())))
-    engine = make_engine(engine_name, args, adapters)
+    engine = make_engine(engine_name, why, args, adapters)
 
     def requests():
         return inputs.iter_shard(args.input_file, options, args.input_format, args.split, shard_index, num_shards,
                                  honoured=inputs.ENGINE_FIELDS.get(engine_name, frozenset()))
 
-    cli.set_interrupt_hint(lambda: "the records finished so far are kept in "
-                           f"{', '.join(map(str, outputs.values()))}; rerun the same command to resume")
+    cli.set_interrupt_hint(lambda: ", ".join(f"{records.count_records(path)} of {len(ids)} requests done in {path}"
+                                             for path in outputs.values()) + "; rerun the same command to resume")
     stats = generation.run_generation(engine, requests, outputs, overrides, args.batch_size, ids=ids,
                                       use_chat_template=args.use_chat_template,
                                       max_batch_tokens=args.max_batch_tokens,
@@ -197,10 +197,11 @@ def generate(args) -> int:
     return 0
 
 
-def choose_engine(args) -> str:
-    """The engine's name, decided before anything loads (it decides which body fields are honoured)."""
+def choose_engine(args) -> tuple[str, str]:
+    """The engine's name and why, decided before anything loads (it decides which body
+    fields are honoured)."""
     if args.engine == "hf":
-        return "hf"
+        return "hf", "--engine hf"
     from datagen import engine_vllm
 
     usable, reason = engine_vllm.available()
@@ -212,12 +213,11 @@ def choose_engine(args) -> str:
                                             ("--device_map", args.device_map is not None)) if given]
         if hf_only:
             raise UserError(f"{', '.join(hf_only)}: Hugging Face engine settings; drop them with --engine vllm")
-        return "vllm"
-    log.info("--engine auto: %s (%s)", "vllm" if usable else "hf", reason)
-    return "vllm" if usable else "hf"
+        return "vllm", "--engine vllm"
+    return ("vllm" if usable else "hf"), f"--engine auto: {reason}"
 
 
-def make_engine(name: str, args, adapters: dict[str, str]):
+def make_engine(name: str, why: str, args, adapters: dict[str, str]):
     started = time.monotonic()
     if name == "vllm":
         from datagen import engine_vllm
@@ -231,7 +231,7 @@ def make_engine(name: str, args, adapters: dict[str, str]):
                                      merge=args.merge_lora, trust_remote_code=args.trust_remote_code,
                                      with_base=args.with_base)
         built = engine_hf.HFEngine(loaded, fast_greedy=not args.use_generate, compile=args.compile)
-    log.info("engine %s ready in %.1f s", name, time.monotonic() - started)
+    log.info("engine %s (%s) ready in %.1f s", name, why, time.monotonic() - started)
     return built
 
 

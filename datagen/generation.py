@@ -269,6 +269,8 @@ def run_generation(engine: Engine, requests, outputs, overrides: Overrides, batc
                          target.skipped, len(ids), target.output, len(ids) - target.skipped)
         stats.skipped = sum(t.skipped for t in targets)
         todo = stats.total - stats.skipped
+        log.info("%d requests to answer%s, in batches of up to %d of the longest prompts", todo,
+                 f" ({len(ids)} prompts x {len(targets)} outputs)" if len(targets) > 1 else "", batch_size)
         run.started = time.monotonic()
         run.bar = progress(total=todo, desc="generating", unit="req", **({} if show_progress else {"disable": True}))
         try:

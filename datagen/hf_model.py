@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,6 +185,8 @@ def load_model(model_name: str, adapters: dict[str, str] | str | None = None, *,
     except (OSError, ValueError, TypeError) as exc:
         raise UserError(f"--model_name_or_path {model_name}: cannot load its tokenizer ({first_line(exc)}); "
                         "the folder needs tokenizer files") from None
+    started = time.monotonic()
+    log.info("loading the base model %s (%s) ...", model_name, dtype)
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
             model_name, dtype=getattr(torch, dtype), device_map=device_map, trust_remote_code=trust_remote_code)
@@ -191,14 +194,20 @@ def load_model(model_name: str, adapters: dict[str, str] | str | None = None, *,
         raise UserError(f"--model_name_or_path {model_name}: cannot load the model ({first_line(exc)})"
                         f"{_hub_hint()}") from None
     model.eval()
+    log.info("base model loaded in %.1f s (%.0fM parameters)", time.monotonic() - started,
+             sum(p.numel() for p in model.parameters()) / 1e6)
     loaded_adapters: dict[str, Adapter] = {}
     for name, path in adapters.items():
+        started = time.monotonic()
         model, sha = _load_adapter(model, Path(path), model_name, configs[name], name)
         loaded_adapters[name] = Adapter(name, str(path), sha, configs[name])
+        log.info("adapter %s (%s) loaded and checked in %.1f s", name, path, time.monotonic() - started)
     merged = False
     if len(adapters) == 1 and merge and not with_base:
+        started = time.monotonic()
         model = model.merge_and_unload()
         merged = True
+        log.info("adapter merged into the weights in %.1f s", time.monotonic() - started)
     elif len(adapters) > 1 and merge:
         log.info("%d adapters: kept as separate LoRA passes over one base (merging holds one at a time)",
                  len(adapters))

@@ -305,18 +305,20 @@ class AppendJsonl:
         if not data:
             return
         try:
-            view = memoryview(data)
-            while view:
-                view = view[self._file.write(view):]
-            if self.fsync:
-                os.fsync(self._file.fileno())
+            # A signal waits for the write and its fsync: finished records are never cut back.
+            with held_signals():
+                view = memoryview(data)
+                while view:
+                    view = view[self._file.write(view):]
+                if self.fsync:
+                    os.fsync(self._file.fileno())
+                self._size += len(data)  # written whole: a signal raised as the block ends keeps it
         except BaseException as exc:
             with contextlib.suppress(OSError):  # keep the file whole lines
                 os.ftruncate(self._file.fileno(), self._size)
             if isinstance(exc, OSError):
                 raise write_error(exc, self.path) from None
             raise
-        self._size += len(data)
 
     def close(self) -> None:
         try:

@@ -165,6 +165,9 @@ class ResumeCheck:
         self.mismatched: dict[str, str] = {}  # custom_id -> the first part that differs
         if not output.exists():
             return
+        from datagen.cli import refuse_non_regular
+
+        refuse_non_regular(output, "--output_file")  # reading a device or FIFO never ends
         cut = repair_torn_tail(output)
         if cut:
             log.warning("%s: removed a partial last line (%d bytes) left by a killed run", self.shown, cut)

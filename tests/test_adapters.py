@@ -85,5 +85,5 @@ def test_engine_auto_without_a_gpu_takes_hugging_face(tiny, capsys, caplog):  # 
     write_prompts(count=1)
     code, _, err = run_main(capsys, *common(tiny), "--engine", "auto")
     assert code == 0, err
-    assert "--engine auto: hf (" in caplog.text
+    assert "engine hf (--engine auto: " in caplog.text
     assert read_jsonl("gen.jsonl")[0]["engine"]["name"] == "hf"

@@ -7,6 +7,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +19,7 @@ import create_batchinput
 import reformat_results
 from datagen import records, tinymodel
 from tests.test_generate_data_finetuned import error_line, prompt_text, run_main, tiny, write_prompts  # noqa: F401
-from tests.util import files_in, read_jsonl, write_jsonl
+from tests.util import ROOT, files_in, read_jsonl, write_jsonl
 
 
 def base_args(tiny, *more, adapter="adapter", output="gen.jsonl"):
@@ -241,3 +245,28 @@ def test_a_conversation_the_chat_template_refuses_is_a_failed_record(tiny, capsy
     assert by_id["b"]["error"]["code"] == "chat_template_error" and "no system turn" in by_id["b"]["error"]["message"]
     assert "0 generated, 2 already there" in run_main(capsys, "--model_name_or_path", picky,
                                                       *base_args(tiny, adapter=None)[2:])[1]
+
+
+@pytest.mark.parametrize("signum, code, said", [(signal.SIGTERM, 143, "terminated by SIGTERM"),
+                                                (signal.SIGINT, 130, "interrupted by SIGINT (Ctrl+C)")])
+def test_a_signal_keeps_the_finished_records_and_says_how_to_resume(tiny, signum, code, said):
+    write_prompts(count=40)
+    cmd = [sys.executable, str(ROOT / "generate_data_finetuned.py"), *map(str, base_args(tiny, "--batch_size", "2",
+                                                                                          "--max_new_tokens", "40"))]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None and not (
+            Path("gen.jsonl").exists() and Path("gen.jsonl").stat().st_size > 0):
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.stderr.read()
+    proc.send_signal(signum)
+    err = proc.communicate(timeout=180)[1]
+    assert proc.returncode == code, err
+    kept = read_jsonl("gen.jsonl")
+    assert 0 < len(kept) < 40 and len({r["custom_id"] for r in kept}) == len(kept)
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"generate_data_finetuned.py: {said};")
+    assert f"{len(kept)} of 40 requests done in gen.jsonl; rerun the same command to resume" in last
+    assert "Traceback" not in err
+    assert sorted(files_in(".")) == ["gen.jsonl", "prompts.jsonl"]
