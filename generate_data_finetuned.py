@@ -149,19 +149,33 @@ def build_parser():
     return parser
 
 
-def generate(args) -> int:
+def shard_of(args) -> tuple[int, int]:
+    """(shard index, shard count): the flags, else the SLURM array task, else (0, 1)."""
     env_index, env_count = inputs.shard_from_env()
     shard_index = args.shard_index if args.shard_index is not None else (env_index or 0)
     num_shards = args.num_shards if args.num_shards is not None else (env_count or 1)
     inputs.check_shard(shard_index, num_shards)
+    return shard_index, num_shards
+
+
+def output_paths(args) -> dict:
+    """{adapter: file} this run appends to (per adapter, per shard); job_script.sh counts
+    the records in them to tell progress from a stalled start."""
+    shard_index, num_shards = shard_of(args)
+    adapters = inputs.parse_adapters(args.adapter_path)
+    return {adapter: inputs.shard_path(path, shard_index, num_shards)
+            for adapter, path in inputs.adapter_outputs(args.output_file, list(adapters), args.with_base).items()}
+
+
+def generate(args) -> int:
+    shard_index, num_shards = shard_of(args)
     overrides = inputs.Overrides(args.max_new_tokens, args.do_sample, args.temperature, args.top_p,
                                  args.seed, args.num_return_sequences, args.stop)
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
     adapters = inputs.parse_adapters(args.adapter_path)
     engine_name, why = choose_engine(args)
-    outputs = {adapter: inputs.shard_path(path, shard_index, num_shards)
-               for adapter, path in inputs.adapter_outputs(args.output_file, list(adapters), args.with_base).items()}
+    outputs = output_paths(args)
     for output in outputs.values():
         cli.check_output_path(output, [args.input_file, *batchfile.existing_parts(Path(args.input_file))])
     options = prompts.options_from_args(args)

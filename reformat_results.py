@@ -1,27 +1,39 @@
 #!/usr/bin/env python3
-"""Bring both routes' raw results into one clean, complete, ordered format.
+"""Bring both routes' raw results into one clean, complete, ordered table.
 
     python reformat_results.py --input_file results.jsonl --output_file reformatted.jsonl
     python reformat_results.py --input_file 'results-*.jsonl' --batch_input batchinput.jsonl \\
         --output_file reformatted.jsonl --strict
     python reformat_results.py --input_file 'generations.shard-*.jsonl' --source_type finetuned \\
-        --prompts_file examples/prompts.jsonl --id_field id --keep_fields topic,prompt \\
-        --output_file finetuned.parquet
+        --batch_input batchinput.jsonl --prompts_file examples/prompts.jsonl --id_field id \\
+        --keep_fields topic,prompt --output_file finetuned.parquet
+    python reformat_results.py --compare results.jsonl generations.jsonl --batch_input batchinput.jsonl \\
+        --output_file table.csv
 
 Reads OpenAI Batch API results (the output file and its .errors.jsonl, which is picked
 up by itself when it lies beside the output; vLLM run-batch files too) or fine-tuned
 generations (one file, or all shards of a SLURM array). --input_file takes several
-files and globs. Writes one line per request: {"id", "generated_text", "source",
-"model", "finish_reason", token counts, ...}; .csv, .tsv or .parquet output when the
-file name says so.
+files and globs. Writes one line per request, with the same columns and types for every
+route, endpoint and n: id, generated_text, source, model, adapter, finish_reason,
+refusal, prompt_tokens, completion_tokens, reasoning_tokens, samples, details (JSON
+text), then the --keep_fields; .csv, .tsv or .parquet output when the file name says so.
 
 Failed requests go to OUT.failed.jsonl with their reason (error, length, empty,
 missing) and never to the output. A request read twice (a resubmission) keeps its
 success, else the first one read. With --batch_input or --prompts_file the output
 follows their order, missing requests are listed, and --keep_fields copies their
-fields; without, lines are in natural order of custom_id (request-2 before request-10).
-Prints "N ok, M failed, K missing"; --strict exits 1 when M or K is not 0.
-Both outputs are complete or absent; temporary data goes to $TMPDIR.
+fields ('prompt': the input the model saw, system message included); with both, the
+prompts file (read with the prompt flags that made the batch input) gives its fields,
+joined by custom_id. Without them, lines are in natural order of custom_id.
+Prints "N ok, M failed, K missing". Missing requests exit 1 (after writing both files)
+unless --allow_partial; --strict exits 1 on failed ones too.
+
+--compare RUN ... joins runs of either route (raw or reformatted files; a generations
+file that stands for its shards or for its adapters' OUT.NAME.jsonl files) on the id:
+one row per request with the prompt, the kept fields, and per run a text column named
+after its adapter or model and a NAME.status column (ok, failed, missing); --long gives
+one row per request, run and sample. Every output is complete or absent; temporary
+data goes to $TMPDIR.
 """
 
 from __future__ import annotations
@@ -39,23 +51,34 @@ log = logging.getLogger("datagen")
 def build_parser():
     parser = cli.make_parser(__doc__, prog="reformat_results.py")
     io = parser.add_argument_group("files")
-    cli.add_flag(io, "input_file", nargs="+", required=True, metavar="FILE",
+    what = io.add_mutually_exclusive_group(required=True)
+    cli.add_flag(what, "input_file", nargs="+", metavar="FILE",
                  help="raw results: files or globs (OpenAI output + .errors.jsonl, parts, shards)")
-    cli.add_flag(io, "output_file", default="reformatted.jsonl",
-                 help="reformatted results: .jsonl, .csv, .tsv or .parquet")
+    cli.add_flag(what, "compare", nargs="+", metavar="RUN",
+                 help="runs to put side by side, joined on the id: each a raw or reformatted output of "
+                      "either route (a file, a quoted glob, or a generations file that stands for its "
+                      "shards or its adapters' files); writes one table to --output_file")
+    cli.add_flag(io, "output_file", default=None,
+                 help="reformatted results (default reformatted.jsonl; with --compare compare.csv): "
+                      ".jsonl, .csv, .tsv or .parquet")
     cli.add_flag(io, "failed_file", default=None,
                  help="failed and missing requests (default: OUTPUT_STEM.failed.jsonl beside --output_file)")
     cli.add_flag(io, "source_type", default="auto", choices=results.SOURCE_TYPES,
                  help="kind of every input line; auto recognises it (one kind per run)")
+    cli.add_flag(io, "long", action="store_true",
+                 help="with --compare: one row per request, run and sample instead of one per request")
     join = parser.add_argument_group("order, missing requests and kept fields")
-    requests = join.add_mutually_exclusive_group()
-    cli.add_flag(requests, "batch_input", default=None, metavar="BATCHINPUT.jsonl",
+    cli.add_flag(join, "batch_input", default=None, metavar="BATCHINPUT.jsonl",
                  help="the batch input the results answer (or its .part-NNN files): order and missing ids")
-    cli.add_flag(requests, "prompts_file", default=None, metavar="FILE",
-                 help="the prompts file the requests were made from (same --id_field etc. as then)")
+    cli.add_flag(join, "prompts_file", default=None, metavar="FILE",
+                 help="the prompts file the requests were made from, read with the same --id_field and "
+                      "prompt flags as then (with --batch_input too: only its fields, joined by custom_id)")
     cli.add_flag(join, "keep_fields", default=None, metavar="A,B",
                  help="fields of the prompts file (or of the batch request body) copied into each line; "
-                      f"'{results.PROMPT_FIELD}' is the prompt as sent")
+                      f"'{results.PROMPT_FIELD}' is the input the model saw, as {{role, content}} messages")
+    cli.add_flag(join, "allow_partial", action="store_true",
+                 help="accept results with missing requests (else exit 1 when some are missing; "
+                      "the files are still written)")
     group = prompts.add_prompt_args(parser)
     for action in group._group_actions:  # the shared help speaks of --input_file
         if action.dest == "input_format":
@@ -86,35 +109,81 @@ def parse_keep_fields(text: str | None, has_requests: bool) -> list[str]:
     return names
 
 
+def original_requests(args) -> results.Requests | None:
+    """The requests the results answer: the batch input (order, ids, exact prompt) and/or
+    the prompts file (its fields; order and ids when alone)."""
+    from_prompts = None
+    if args.prompts_file:
+        options = prompts.options_from_args(args)
+        from_prompts = results.prompts_file_requests(
+            prompts.iter_prompts(args.prompts_file, options, args.input_format, args.split))
+    if args.batch_input:
+        return results.Requests(results.batch_input_requests(args.batch_input), "--batch_input", from_prompts)
+    if from_prompts is not None:
+        return results.Requests(from_prompts, "--prompts_file")
+    return None
+
+
+def request_sources(args) -> list[Path]:
+    return [Path(p) for p in (args.batch_input, args.prompts_file) if p]
+
+
 def reformat(args) -> int:
-    output = Path(args.output_file)
+    if args.compare:
+        return compare_runs(args)
+    if args.long:
+        raise UserError("--long shapes the --compare table; give --compare RUN ... or drop --long")
+    output = Path(args.output_file or "reformatted.jsonl")
     results.output_format(output)
     failed = Path(args.failed_file) if args.failed_file else output.with_name(output.stem + ".failed.jsonl")
     inputs = results.expand_inputs(args.input_file)
-    sources = [*inputs]
-    requests = None
-    if args.batch_input:
-        requests, flag = results.batch_input_requests(args.batch_input), "--batch_input"
-        sources.append(Path(args.batch_input))
-    elif args.prompts_file:
-        options = prompts.options_from_args(args)
-        requests = results.prompts_file_requests(
-            prompts.iter_prompts(args.prompts_file, options, args.input_format, args.split))
-        flag = "--prompts_file"
-        sources.append(Path(args.prompts_file))
+    requests = original_requests(args)
     keep_fields = parse_keep_fields(args.keep_fields, requests is not None)
+    sources = [*inputs, *request_sources(args)]
     cli.check_output_path(output, sources)
     cli.check_output_path(failed, sources, flag="--failed_file")
     if cli.same_file(output, failed):
         raise UserError(f"--failed_file {failed} is the same file as --output_file; choose another name")
     options = results.ResultOptions(args.treat_length_as_failure, args.treat_empty_as_failure)
     summary = results.reformat(inputs, output, failed, source_type=args.source_type, options=options,
-                               requests=requests, requests_flag=flag if requests else "",
-                               keep_fields=keep_fields)
+                               requests=requests, keep_fields=keep_fields)
     report(args, summary, output, failed, requests is not None)
     if args.strict and (summary.failed or summary.missing):
         raise UserError(f"{summary.failed} failed and {summary.missing} missing requests (--strict); "
                         f"they are listed in {failed}")
+    if summary.missing and not args.allow_partial:
+        raise UserError(f"{summary.missing} of the {summary.expected} requests have no result; they are listed "
+                        f"in {failed} (reason missing); pass --allow_partial to accept a partial result")
+    return 0
+
+
+def compare_runs(args) -> int:
+    from datagen import compare
+
+    if args.failed_file:
+        raise UserError("--failed_file is not used with --compare: the table shows failed and missing "
+                        "requests in each run's status column")
+    output = Path(args.output_file or "compare.csv")
+    results.output_format(output)
+    runs = compare.expand_runs(args.compare)
+    requests = original_requests(args)
+    keep_fields = parse_keep_fields(args.keep_fields, requests is not None)
+    sources = [path for run in runs for path in run.paths] + request_sources(args)
+    cli.check_output_path(output, sources)
+    options = results.ResultOptions(args.treat_length_as_failure, args.treat_empty_as_failure)
+    table = compare.compare(runs, output, requests=requests, keep_fields=keep_fields, long=args.long,
+                            options=options)
+    for run in runs:
+        print(f"{run.name}: {run.ok} ok, {run.failed} failed, {run.missing} missing "
+              f"({', '.join(str(p) for p in run.paths)})")
+    print(f"wrote {output} ({table.rows} rows, {table.requests} requests, {len(runs)} runs)")
+    missing = sum(run.missing for run in runs)
+    if args.strict and (missing or any(run.failed for run in runs)):
+        raise UserError(f"{sum(run.failed for run in runs)} failed and {missing} missing results (--strict); "
+                        f"see the status columns of {output}")
+    if missing and requests is not None and not args.allow_partial:
+        raise UserError(f"{missing} results are missing ({', '.join(f'{r.name}: {r.missing}' for r in runs if r.missing)}); "
+                        f"they are the rows with status missing in {output}; pass --allow_partial to accept them")
     return 0
 
 

@@ -12,8 +12,13 @@ One home for each file format and each shared flag:
 - ``generation``          the Hugging Face + LoRA engine behind generate_data_finetuned.py
 - ``kvcache``             the greedy loop's KV cache, which writes each token in place
 - ``tinymodel``           tiny models and LoRA adapters built on the spot (tests and the demo)
-- ``results``             raw results of both routes into one format (reformat_results.py)
+- ``results``             raw results of both routes into one schema (reformat_results.py)
+- ``compare``             runs of either route side by side, joined on the id (--compare)
 - ``demo``                ``make demo``: both routes end to end, offline
+
+``pip install .`` (pyproject.toml) installs this package, the four scripts as modules and
+the commands datagen-create-batchinput, datagen-batch-utils, datagen-generate-finetuned,
+datagen-reformat-results, datagen-local-batch-server and datagen-tinymodel.
 """
 
 __version__ = "0.1.0"

@@ -10,7 +10,8 @@
    127.0.0.1 (it is not OpenAI and answers "echo: <prompt>"), then reformat_results.py;
 3. fine-tuned route: the same batch input through generate_data_finetuned.py, then
    reformat_results.py;
-4. prints the two reformatted files side by side and what each step did.
+4. puts both routes side by side with ``reformat_results.py --compare`` (one row per
+   request, a text and a status column per run) and prints that table.
 
 Every step runs the real script as a subprocess and prints the command, so each line
 can be copied. Outputs go to demo/ (created; earlier demo outputs are replaced).
@@ -19,6 +20,7 @@ can be copied. Outputs go to demo/ (created; earlier demo outputs are replaced).
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import secrets
@@ -62,23 +64,18 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def cut(text, width: int) -> str:
-    """One printable line of at most ``width`` characters (random models emit odd bytes)."""
-    if text is None:
-        return "(none)"
+    """One printable cell of at most ``width`` characters (random models emit odd bytes)."""
     text = "".join(c if c.isprintable() and c != "\ufffd" else "." for c in " ".join(str(text).split()))
     return text if len(text) <= width else text[: width - 1] + "~"
 
 
-def side_by_side(openai_file: Path, finetuned_file: Path) -> None:
-    left = {row["id"]: row for row in read_jsonl(openai_file)}
-    right = {row["id"]: row for row in read_jsonl(finetuned_file)}
-    width = 36
-    print(f"{'id':<16} {'openai route (local stand-in)':<{width}} {'fine-tuned route (tiny LoRA model)':<{width}}")
-    print(f"{'-' * 16} {'-' * width} {'-' * width}")
-    for key in dict.fromkeys([*left, *right]):  # the OpenAI file's order, then any extra
-        a = left.get(key, {}).get("generated_text")
-        b = right.get(key, {}).get("generated_text")
-        print(f"{cut(key, 16):<16} {cut(a, width):<{width}} {cut(b, width):<{width}}")
+def show_table(path: Path, width: int = 30) -> None:
+    """Print the --compare table as written (the prompt column left out, cells cut)."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    shown = [i for i, name in enumerate(rows[0]) if name != "prompt"]
+    for row in rows:
+        print(" ".join(f"{cut(row[i], width):<{width}}" for i in shown).rstrip())
 
 
 def main(argv=None) -> int:
@@ -97,6 +94,7 @@ def main(argv=None) -> int:
     batch_input, results = work / "batchinput.jsonl", work / "results.jsonl"
     generations = work / "generations.jsonl"
     openai_out, finetuned_out = work / "reformatted_openai.jsonl", work / "reformatted_finetuned.jsonl"
+    table = work / "compare.csv"
 
     step("1. a tiny base model and LoRA adapter, built on the spot (random weights, nothing downloaded)")
     base = build_tiny_model(ROOT / work / "model" / "base")
@@ -131,8 +129,10 @@ def main(argv=None) -> int:
     sh("reformat_results.py", "--input_file", generations, "--output_file", finetuned_out,
        "--batch_input", batch_input)
 
-    step("7. both routes side by side, joined on custom_id")
-    side_by_side(ROOT / openai_out, ROOT / finetuned_out)
+    step("7. both routes side by side: one row per request, one column per run, joined on custom_id")
+    sh("reformat_results.py", "--compare", results, generations, "--batch_input", batch_input,
+       "--output_file", table)
+    show_table(ROOT / table)
 
     requests = len(read_jsonl(ROOT / batch_input))
     print(textwrap.dedent(f"""
@@ -142,6 +142,7 @@ def main(argv=None) -> int:
           reformat_results.py         {results} -> {openai_out}: {len(read_jsonl(ROOT / openai_out))} lines
           generate_data_finetuned.py  {batch_input} -> {generations}: {len(read_jsonl(ROOT / generations))} lines
           reformat_results.py         {generations} -> {finetuned_out}: {len(read_jsonl(ROOT / finetuned_out))} lines
+          reformat_results.py         --compare {results} {generations} -> {table}
         Everything is in {work}/. Next: the README's sections on each script, and on real OpenAI use.""").rstrip())
     return 0
 

@@ -375,8 +375,8 @@ class _Run:
         if params in self.warned:
             return
         self.warned.add(params)
-        defaulted = sum(1 for item in group
-                        if self.overrides.temperature is None and item.request.params.get("temperature") is None)
+        defaulted = len({item.request.custom_id for item in group
+                         if self.overrides.temperature is None and item.request.params.get("temperature") is None})
         log.info("decoding: %s%s", describe(params),
                  f" ({defaulted} requests set no temperature: the OpenAI API's default of 1 applies; "
                  "--temperature 0 for greedy)" if defaulted and params.do_sample else "")

@@ -1,5 +1,6 @@
 """The README's first command: both routes end to end, offline, on the bundled example."""
 
+import csv
 import json
 import subprocess
 import sys
@@ -30,6 +31,16 @@ def test_demo_runs_both_routes_end_to_end(tmp_path):
     assert "LOCAL STAND-IN" in out
     assert "$ python create_batchinput.py" in out and "$ python generate_data_finetuned.py" in out
     assert "summary" in out and f"-> {work}/batchinput.jsonl: {len(ids)} requests" in out
-    # The side-by-side table has a row per id.
-    table = out[out.index("both routes side by side"):out.index("summary")]
-    assert all(i[:16] in table for i in ids)
+    # The demo ends with the --compare table: a row per request, a text and status column per run.
+    assert "$ python reformat_results.py --compare" in out
+    with open(work / "compare.csv", newline="", encoding="utf-8") as handle:
+        table = list(csv.DictReader(handle))
+    assert [row["id"] for row in table] == ids
+    openai_name = openai_rows[0]["model"]
+    adapter_name = (work / "model" / "adapter").name
+    assert list(table[0]) == ["id", "prompt", openai_name, f"{openai_name}.status", adapter_name,
+                              f"{adapter_name}.status"]
+    assert [row[openai_name] for row in table] == [r["generated_text"] for r in openai_rows]
+    assert {row[f"{adapter_name}.status"] for row in table} == {"ok"}
+    shown = out[out.index("both routes side by side"):out.index("summary")]
+    assert all(i[:16] in shown for i in ids)

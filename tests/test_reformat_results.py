@@ -19,20 +19,45 @@ from tests.util import files_in, read_jsonl, run_script, write_jsonl
 
 GPT = "gpt-4o-mini-2024-07-18"
 CHAT_USAGE = {"prompt_tokens": 14, "completion_tokens": 7, "reasoning_tokens": 0}
-FT_PROVENANCE = {"source": "finetuned", "model": "Qwen/Qwen2.5-0.5B-Instruct"}
-FT_ADAPTER = {"adapter": "out/lora-v1",
-              "adapter_sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
-              "generation": GENERATION}
+FT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
+FT_DETAILS = {"adapter_sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+              "generation": GENERATION, "created": 1732531200}
+
+
+def record(custom_id, text, finish_reason, *, source, model, adapter="", refusal=False, usage, details,
+           samples=None):
+    """The one output record, built here by hand (every column, in order, none null)."""
+    samples = samples or [(text, finish_reason)]
+    return {"id": custom_id, "generated_text": text, "source": source, "model": model, "adapter": adapter,
+            "finish_reason": finish_reason, "refusal": refusal, "prompt_tokens": usage.get("prompt_tokens", 0),
+            "completion_tokens": usage.get("completion_tokens", 0),
+            "reasoning_tokens": usage.get("reasoning_tokens", 0),
+            "samples": [{"text": t, "finish_reason": f} for t, f in samples], "details": details}
 
 
 def chat_record(custom_id, text="Paris is the capital of France.", finish_reason="stop", **more):
-    return {"id": custom_id, "generated_text": text, **more, "source": "openai", "model": GPT,
-            "finish_reason": finish_reason, **CHAT_USAGE}
+    return record(custom_id, text, finish_reason, source="openai", model=GPT, usage=CHAT_USAGE,
+                  details={"endpoint": "chat"}, **more)
 
 
-def ft_record(custom_id, text="Paris.", finish_reason="stop", **more):
-    return {"id": custom_id, "generated_text": text, **more, **FT_PROVENANCE, "finish_reason": finish_reason,
-            "prompt_tokens": 14, "completion_tokens": 3, **FT_ADAPTER}
+def ft_record(custom_id, text="Paris.", finish_reason="stop", *, details=None, **more):
+    return record(custom_id, text, finish_reason, source="finetuned", model=FT_MODEL, adapter="out/lora-v1",
+                  usage={"prompt_tokens": 14, "completion_tokens": 3}, details={**FT_DETAILS, **(details or {})},
+                  **more)
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+def parsed(row):
+    """A written record with its ``details`` JSON text parsed (for exact comparison)."""
+    assert isinstance(row["details"], str)
+    return {**row, "details": json.loads(row["details"])}
+
+
+def read_out(path):
+    return [parsed(row) for row in read_jsonl(path)]
 
 
 def run(capsys, *args):
@@ -147,23 +172,23 @@ def test_openai_failures_become_failed_records(line, expected):
 
 def test_openai_success_record():
     result = results.openai_result(ok_line("q1", chat_body()), "f.jsonl:1")
-    assert (result.ok, result.record) == (True, chat_record("q1"))
+    assert (result.ok, parsed(result.record)) == (True, chat_record("q1"))
 
 
 def test_finetuned_record_with_samples():
     samples = [{"text": "Paris.", "finish_reason": "stop", "completion_tokens": 3},
                {"text": "It is Paris, the", "finish_reason": "length", "completion_tokens": 8}]
     result = results.finetuned_result(ft_line("q1", samples=samples, completion_tokens=11), "g.jsonl:1")
-    assert result.record == {"id": "q1", "generated_text": "Paris.", "samples": ["Paris.", "It is Paris, the"],
-                             "sample_finish_reasons": ["stop", "length"], **FT_PROVENANCE, "finish_reason": "stop",
-                             "prompt_tokens": 14, "completion_tokens": 11, **FT_ADAPTER}
+    assert parsed(result.record) == {
+        **ft_record("q1", samples=[("Paris.", "stop"), ("It is Paris, the", "length")],
+                    details={"sample_completion_tokens": [3, 8]}), "completion_tokens": 11}
     assert result.ok and result.cut_off
 
 
 def test_length_and_empty_as_failure_options():
     options = results.ResultOptions(treat_length_as_failure=True, treat_empty_as_failure=True)
     cut = results.openai_result(ok_line("a", chat_body("Paris is", "length")), "f:1", options)
-    assert (cut.ok, cut.record) == (False, {
+    assert (cut.ok, parsed(cut.record)) == (False, {
         "id": "a", "reason": "length", "status_code": None, "error_code": None,
         "message": "the answer was cut off at the token limit (finish_reason length)",
         **{k: v for k, v in chat_record("a", "Paris is", "length").items() if k != "id"}})
@@ -188,7 +213,7 @@ def test_seed_openai_output_with_its_error_file(tmp_path, capsys):
     code, out, err = run(capsys, "--input_file", "results.jsonl", "--output_file", "out.jsonl",
                          "--source_type", "openai")
     assert code == 0
-    assert read_jsonl("out.jsonl") == [chat_record("request-2"), chat_record("request-10", "Ten.")]
+    assert read_out("out.jsonl") == [chat_record("request-2"), chat_record("request-10", "Ten.")]
     assert read_jsonl("out.failed.jsonl") == [
         {"id": "request-1", "reason": "error", "status_code": None, "error_code": "batch_expired",
          "message": "This request could not be executed before the completion window expired.", "source": "openai"},
@@ -199,32 +224,32 @@ def test_seed_openai_output_with_its_error_file(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("body, expected", [
-    (RESPONSES_BODY, {"id": "q", "generated_text": "Paris is the capital of France.", "source": "openai",
-                      "model": "o4-mini-2025-04-16", "finish_reason": "stop", "prompt_tokens": 36,
-                      "completion_tokens": 87, "reasoning_tokens": 64}),
-    (COMPLETIONS_BODY, {"id": "q", "generated_text": "\n\nThis is indeed a test", "source": "openai",
-                        "model": "gpt-3.5-turbo-instruct", "finish_reason": "length", "prompt_tokens": 5,
-                        "completion_tokens": 7}),
-    (EMBEDDINGS_BODY, {"id": "q", "generated_text": None,
-                       "embedding": [0.0023064255, -0.009327292, -0.0028842222], "source": "openai",
-                       "model": "text-embedding-3-small", "prompt_tokens": 8}),
+    (RESPONSES_BODY, record("q", "Paris is the capital of France.", "stop", source="openai",
+                            model="o4-mini-2025-04-16", details={"endpoint": "responses"},
+                            usage={"prompt_tokens": 36, "completion_tokens": 87, "reasoning_tokens": 64})),
+    (COMPLETIONS_BODY, record("q", "\n\nThis is indeed a test", "length", source="openai",
+                              model="gpt-3.5-turbo-instruct", details={"endpoint": "completions"},
+                              usage={"prompt_tokens": 5, "completion_tokens": 7})),
+    (EMBEDDINGS_BODY, record("q", "", "", source="openai", model="text-embedding-3-small",
+                             usage={"prompt_tokens": 8},
+                             details={"endpoint": "embeddings",
+                                      "embeddings": [[0.0023064255, -0.009327292, -0.0028842222]]})),
     (chat_body(None, refusal="I can't help with that."),
-     {"id": "q", "generated_text": "I can't help with that.", "refusal": True, "source": "openai", "model": GPT,
-      "finish_reason": "stop", **CHAT_USAGE}),
+     chat_record("q", "I can't help with that.", refusal=True)),
 ], ids=["responses", "completions", "embeddings", "chat-refusal"])
 def test_every_endpoint(tmp_path, capsys, body, expected):
     write_jsonl("results.jsonl", [ok_line("q", body)])
     code, out, _ = run(capsys, "--input_file", "results.jsonl", "--output_file", "out.jsonl")
-    assert code == 0 and read_jsonl("out.jsonl") == [expected]
+    assert code == 0 and read_out("out.jsonl") == [expected]
 
 
 def test_vllm_run_batch_file_with_inline_failures(tmp_path, capsys):
     write_jsonl("vllm.jsonl", [vllm_ok_line("a"), vllm_error_line("b")])
     code, out, _ = run(capsys, "--input_file", "vllm.jsonl", "--output_file", "out.jsonl")
     assert code == 0
-    assert read_jsonl("out.jsonl") == [{"id": "a", "generated_text": "Hello there!", "source": "openai",
-                                        "model": "meta-llama/Llama-3.1-8B-Instruct", "finish_reason": "stop",
-                                        "prompt_tokens": 12, "completion_tokens": 3}]
+    assert read_out("out.jsonl") == [record("a", "Hello there!", "stop", source="openai",
+                                            model="meta-llama/Llama-3.1-8B-Instruct", details={"endpoint": "chat"},
+                                            usage={"prompt_tokens": 12, "completion_tokens": 3})]
     assert [r["id"] for r in read_jsonl("out.failed.jsonl")] == ["b"]
     assert out.startswith("1 ok, 1 failed, 0 missing\n")
 
@@ -235,7 +260,7 @@ def test_finetuned_shards_by_glob_keep_provenance(tmp_path, capsys):
     code, out, err = run(capsys, "--input_file", "gen.shard-*-of-002.jsonl", "--output_file", "ft.jsonl",
                          "--source_type", "finetuned")
     assert code == 0
-    assert read_jsonl("ft.jsonl") == [ft_record("request-0", "Zero."), ft_record("request-1", "One.", "length"),
+    assert read_out("ft.jsonl") == [ft_record("request-0", "Zero."), ft_record("request-1", "One.", "length"),
                                       ft_record("request-2", "Two.")]
     assert "1 answer(s) were cut off" in err
 
@@ -254,7 +279,7 @@ def test_multi_part_merge_and_duplicates_resolved_for_the_success(tmp_path, caps
     write_jsonl("results-2.jsonl", [ok_line("x", chat_body("x at last")), ok_line("y", chat_body("second y"))])
     code, out, err = run(capsys, "--input_file", "results-*.jsonl", "--output_file", "out.jsonl")
     assert code == 0
-    assert read_jsonl("out.jsonl") == [chat_record("x", "x at last"), chat_record("y", "first y")]
+    assert read_out("out.jsonl") == [chat_record("x", "x at last"), chat_record("y", "first y")]
     assert read_jsonl("out.failed.jsonl") == []
     assert out.startswith("2 ok, 0 failed, 0 missing\n")
     assert "2 custom_id(s) were read more than once (e.g. 'x'): kept the success for 1, the first one read for 1" in err
@@ -274,9 +299,13 @@ def test_batch_input_order_missing_and_extra_ids(tmp_path, capsys):
     write_jsonl("results.jsonl.errors.jsonl", [http_error_line("alpha")])
     code, out, err = run(capsys, "--input_file", "results.jsonl", "--batch_input", "batchinput.jsonl",
                          "--output_file", "out.jsonl", "--keep_fields", "prompt")
-    assert code == 0
+    # A missing request fails the run by default; the files are written all the same.
+    assert code == 1
+    assert err.strip().splitlines()[-1] == (
+        "reformat_results.py: error: 1 of the 4 requests have no result; they are listed in out.failed.jsonl "
+        "(reason missing); pass --allow_partial to accept a partial result")
     prompt = lambda i: {"prompt": [{"role": "user", "content": f"Q {i}"}]}  # noqa: E731
-    assert read_jsonl("out.jsonl") == [{**chat_record("zeta", "Z"), **prompt("zeta")},
+    assert read_out("out.jsonl") == [{**chat_record("zeta", "Z"), **prompt("zeta")},
                                        {**chat_record("mid", "M"), **prompt("mid")},
                                        {**chat_record("stray", "S"), "prompt": None}]
     failed = read_jsonl("out.failed.jsonl")
@@ -285,6 +314,9 @@ def test_batch_input_order_missing_and_extra_ids(tmp_path, capsys):
                          "message": "no result for this request in the --input_file files"}
     assert out.startswith("3 ok, 1 failed, 1 missing\n")
     assert "1 result id(s) are not in batchinput.jsonl" in err
+    code, out, err = run(capsys, "--input_file", "results.jsonl", "--batch_input", "batchinput.jsonl",
+                         "--output_file", "out.jsonl", "--allow_partial")
+    assert code == 0 and out.startswith("3 ok, 1 failed, 1 missing\n") and "error:" not in err
 
 
 def test_batch_input_given_as_its_parts(tmp_path, capsys):
@@ -306,10 +338,10 @@ def test_prompts_file_order_and_keep_fields(tmp_path, capsys):
     code, out, _ = run(capsys, "--input_file", "gen.jsonl", "--prompts_file", "prompts.jsonl", "--id_field", "qid",
                        "--keep_fields", "topic,answer,prompt", "--output_file", "out.jsonl")
     assert code == 0
-    assert read_jsonl("out.jsonl") == [
-        {**ft_record("q9"), "topic": "geo", "answer": "Paris", "prompt": "Capital of France?"},
-        {**ft_record("q10", "Hello!"), "topic": "chat", "answer": None, "prompt": [{"role": "user", "content": "Hi"}]},
-        {**ft_record("q1", "4"), "topic": "math", "answer": 4, "prompt": "2+2?"}]
+    assert read_out("out.jsonl") == [
+        {**ft_record("q9"), "topic": "geo", "answer": "Paris", "prompt": user("Capital of France?")},
+        {**ft_record("q10", "Hello!"), "topic": "chat", "answer": None, "prompt": user("Hi")},
+        {**ft_record("q1", "4"), "topic": "math", "answer": 4, "prompt": user("2+2?")}]
     assert out.startswith("3 ok, 0 failed, 0 missing\n")
 
 
@@ -322,16 +354,15 @@ def test_prompts_file_csv_with_default_ids_and_template(tmp_path, capsys):
                      "--output_file", "out.jsonl")
     assert code == 0
     assert [(r["id"], r["level"], r["prompt"]) for r in read_jsonl("out.jsonl")] == [
-        ("request-0", "easy", "Q: What is 2+2?\nA:"), ("request-1", "hard", "Q: Prove it.\nA:")]
+        ("request-0", "easy", user("Q: What is 2+2?\nA:")), ("request-1", "hard", user("Q: Prove it.\nA:"))]
 
 
 def test_n_samples_one_line_per_request(tmp_path, capsys):
     write_jsonl("results.jsonl", [ok_line("q", chat_body_n(["A", "B", "C"], ["stop", "stop", "length"]))])
     code, _, _ = run(capsys, "--input_file", "results.jsonl", "--output_file", "out.jsonl")
     assert code == 0
-    assert read_jsonl("out.jsonl") == [{"id": "q", "generated_text": "A", "samples": ["A", "B", "C"],
-                                        "sample_finish_reasons": ["stop", "stop", "length"], "source": "openai",
-                                        "model": GPT, "finish_reason": "stop", **CHAT_USAGE}]
+    assert read_out("out.jsonl") == [
+        chat_record("q", "A", samples=[("A", "stop"), ("B", "stop"), ("C", "length")])]
     code, out, _ = run(capsys, "--input_file", "results.jsonl", "--output_file", "strict.jsonl",
                        "--treat_length_as_failure")
     assert read_jsonl("strict.jsonl") == []
@@ -371,11 +402,12 @@ def test_csv_output(tmp_path, capsys):
     assert code == 0
     with open("out.csv", newline="", encoding="utf-8") as handle:
         rows = list(csv.reader(handle))
+    samples = lambda text: json.dumps([{"text": text, "finish_reason": "stop"}], separators=(",", ":"))  # noqa: E731
     assert rows == [
-        ["id", "generated_text", "refusal", "source", "model", "finish_reason", "prompt_tokens",
-         "completion_tokens", "reasoning_tokens"],
-        ["q1", "No.", "true", "openai", GPT, "stop", "14", "7", "0"],
-        ["q2", "say \"hi\",\nthen go", "", "openai", GPT, "stop", "14", "7", "0"]]
+        list(results.COLUMNS),
+        ["q1", "No.", "openai", GPT, "", "stop", "true", "14", "7", "0", samples("No."), '{"endpoint":"chat"}'],
+        ["q2", "say \"hi\",\nthen go", "openai", GPT, "", "stop", "false", "14", "7", "0",
+         samples("say \"hi\",\nthen go"), '{"endpoint":"chat"}']]
     assert read_jsonl("out.failed.jsonl") == []
 
 
@@ -389,22 +421,22 @@ def test_parquet_output_keeps_types(tmp_path, capsys):
                      "--keep_fields", "score", "--output_file", "out.parquet")
     assert code == 0
     table = pq.read_table("out.parquet")
-    assert table.column_names == ["id", "generated_text", "samples", "sample_finish_reasons", "source", "model",
-                                  "finish_reason", "prompt_tokens", "completion_tokens", "adapter",
-                                  "adapter_sha256", "generation", "score"]
+    assert table.column_names == [*results.COLUMNS, "score"]
     rows = table.to_pylist()
-    assert [(r["id"], r["samples"], r["score"], r["prompt_tokens"]) for r in rows] == [
-        ("a", None, 1.0, 14), ("b", ["x", "y"], 2.5, 14)]
-    assert json.loads(rows[0]["generation"]) == GENERATION
+    assert [(r["id"], [s["text"] for s in r["samples"]], r["score"], r["prompt_tokens"]) for r in rows] == [
+        ("a", ["Paris."], 1.0, 14), ("b", ["x", "y"], 2.5, 14)]
+    assert json.loads(rows[0]["details"])["generation"] == GENERATION
 
 
 def test_embeddings_to_parquet(tmp_path, capsys):
     import pyarrow.parquet as pq
     write_jsonl("emb.jsonl", [ok_line("e", EMBEDDINGS_BODY)])
     assert run(capsys, "--input_file", "emb.jsonl", "--output_file", "emb.parquet")[0] == 0
-    assert pq.read_table("emb.parquet").to_pylist() == [{
-        "id": "e", "generated_text": None, "embedding": [0.0023064255, -0.009327292, -0.0028842222],
-        "source": "openai", "model": "text-embedding-3-small", "prompt_tokens": 8}]
+    [row] = pq.read_table("emb.parquet").to_pylist()
+    assert parsed(row) == record("e", "", "", source="openai", model="text-embedding-3-small",
+                                 usage={"prompt_tokens": 8},
+                                 details={"endpoint": "embeddings",
+                                          "embeddings": [[0.0023064255, -0.009327292, -0.0028842222]]})
 
 
 def test_many_shuffled_results_with_resubmissions(tmp_path, capsys):
@@ -528,7 +560,7 @@ def test_runs_as_a_script(tmp_path):
                       cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[0] == "1 ok, 0 failed, 0 missing"
-    assert read_jsonl(tmp_path / "out.jsonl") == [chat_record("a")]
+    assert read_out(tmp_path / "out.jsonl") == [chat_record("a")]
     usage = run_script("reformat_results.py", cwd=tmp_path)
     assert usage.returncode == 2 and "--input_file" in usage.stderr
 
@@ -568,3 +600,135 @@ def test_fast_path_agrees_with_the_general_path(line):
     if fast is not None:
         assert general.ok and fast == general.record
     assert (fast is not None) == (line["custom_id"] in ("a", "f"))
+
+
+# --- one schema for every route, endpoint and n ----------------------------------------------
+
+QUESTIONS = [["qid", "question", "gold_answer", "category"], ["q0", "Capital of France?", "Paris", "geo"],
+             ["q1", "2+2?", "4", "math"], ["q2", "Say 1.", "1", "misc"]]
+SYSTEM = "Answer briefly."
+PROMPT_FLAGS = ["--id_field", "qid", "--prompt_field", "question", "--system_prompt", SYSTEM]
+KEEP = "question,gold_answer,category,prompt"
+
+
+def write_questions():
+    with open("questions.csv", "w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows(QUESTIONS)
+    done = run_script("create_batchinput.py", "--input_file", "questions.csv", "--model_name", "gpt-4o-mini",
+                      "--output_file", "batchinput.jsonl", *PROMPT_FLAGS, cwd=".")
+    assert done.returncode == 0, done.stderr
+    return [row[0] for row in QUESTIONS[1:]]
+
+
+def raw_runs(ids):
+    """One raw file per route, endpoint and n, answering ``ids`` (the last one fails)."""
+    *good, bad = ids
+    three = [{"text": t, "finish_reason": f, "completion_tokens": c}
+             for t, f, c in (("A", "stop", 1), ("B is", "length", 8), ("C", "stop", 1))]
+    ft_base = lambda i: {**ft_line(i), "adapter": None, "adapter_sha256": None}  # noqa: E731
+    ft_failed = {"custom_id": bad, "error": {"code": "context_length_exceeded", "message": "too long"},
+                 "source": "finetuned", "model": FT_MODEL, "adapter": "out/lora-v1"}
+    return {
+        "chat": [ok_line(i, chat_body(f"text {i}")) for i in good] + [expired_line(bad)],
+        "chat_n3": [ok_line(i, chat_body_n(["x", "y", "z"], ["stop", "length", "stop"])) for i in ids],
+        "responses": [ok_line(i, RESPONSES_BODY) for i in ids],
+        "completions": [ok_line(i, COMPLETIONS_BODY) for i in ids],
+        "embeddings": [ok_line(i, EMBEDDINGS_BODY) for i in ids],
+        "vllm": [vllm_ok_line(i) for i in good] + [vllm_error_line(bad)],
+        "ft": [ft_line(i, f"ft {i}") for i in good] + [ft_failed],
+        "ft_n3": [ft_line(i, "A", samples=three, completion_tokens=10) for i in ids],
+        "ft_base": [ft_base(i) for i in ids],
+    }
+
+
+def test_every_route_endpoint_and_n_loads_as_one_table(tmp_path, capsys):
+    import datasets
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    ids = write_questions()
+    plain, kept, parquet = [], [], []
+    for name, lines in raw_runs(ids).items():
+        write_jsonl(f"{name}.raw.jsonl", lines)
+        for out, more in ((f"{name}.jsonl", []), (f"{name}.parquet", []),
+                          (f"{name}.kept.jsonl", ["--batch_input", "batchinput.jsonl", "--prompts_file",
+                                                  "questions.csv", *PROMPT_FLAGS, "--keep_fields", KEEP])):
+            code, _, err = run(capsys, "--input_file", f"{name}.raw.jsonl", "--output_file", out, *more)
+            assert code == 0, err
+        plain.append(f"{name}.jsonl")
+        kept.append(f"{name}.kept.jsonl")
+        parquet.append(f"{name}.parquet")
+    # datasets takes its types from the first file: each file in turn comes first.
+    for files in (plain, kept):
+        features = set()
+        for first in range(len(files)):
+            order = files[first:] + files[:first]
+            table = datasets.load_dataset("json", data_files=order, split="train", cache_dir=str(tmp_path / "c"))
+            features.add(repr(table.features))
+            assert len(table) == sum(len(read_jsonl(f)) for f in files)
+        assert len(features) == 1, features
+    frames = [pd.read_json(f, lines=True) for f in kept]
+    assert {tuple(f.columns) for f in frames} == {(*results.COLUMNS, "question", "gold_answer", "category", "prompt")}
+    assert len({tuple(map(str, f.dtypes)) for f in frames}) == 1
+    assert len({str(pq.read_schema(f)) for f in parquet}) == 1
+    assert len({tuple(map(str, pd.read_parquet(f).dtypes)) for f in parquet}) == 1
+    # Kept fields are faithful (the CSV's "4" stays text) and the prompt is what the model saw.
+    rows = {r["id"]: r for r in read_jsonl("ft_n3.kept.jsonl")}
+    assert (rows["q1"]["gold_answer"], rows["q1"]["category"]) == ("4", "math")
+    assert rows["q1"]["prompt"] == [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "2+2?"}]
+    assert rows["q1"]["samples"] == [{"text": "A", "finish_reason": "stop"}, {"text": "B is", "finish_reason": "length"},
+                                     {"text": "C", "finish_reason": "stop"}]
+    assert json.loads(rows["q1"]["details"])["sample_completion_tokens"] == [1, 8, 1]
+    assert [r["adapter"] for r in read_jsonl("ft_base.jsonl")] == ["", "", ""]
+    assert [r["id"] for r in read_jsonl("ft.failed.jsonl")] == ["q2"]
+
+
+def test_prompts_file_alone_gives_the_same_prompt_as_the_batch_input(tmp_path, capsys):
+    ids = write_questions()
+    write_jsonl("gen.jsonl", [ft_line(i) for i in ids])
+    code, _, err = run(capsys, "--input_file", "gen.jsonl", "--prompts_file", "questions.csv", *PROMPT_FLAGS,
+                       "--keep_fields", "prompt", "--output_file", "alone.jsonl")
+    assert code == 0, err
+    code, _, err = run(capsys, "--input_file", "gen.jsonl", "--batch_input", "batchinput.jsonl",
+                       "--keep_fields", "prompt", "--output_file", "batch.jsonl")
+    assert code == 0, err
+    bodies = [line["body"]["messages"] for line in read_jsonl("batchinput.jsonl")]
+    assert [r["prompt"] for r in read_jsonl("alone.jsonl")] == [r["prompt"] for r in read_jsonl("batch.jsonl")] \
+        == bodies
+
+
+def test_batch_input_and_prompts_file_that_do_not_match(tmp_path, capsys):
+    write_questions()
+    write_jsonl("gen.jsonl", [ft_line("q0")])
+    message = _bad(tmp_path, capsys, ["--input_file", "gen.jsonl", "--batch_input", "batchinput.jsonl",
+                                      "--prompts_file", "questions.csv", "--prompt_field", "question",
+                                      "--keep_fields", "category",  # no --id_field: ids request-N
+                                      "--output_file", "out.jsonl", "--allow_partial"])
+    assert message.endswith("no custom_id of --batch_input is in --prompts_file; read it with the same "
+                            "--id_field (and prompt flags) that made the batch input")
+
+
+def test_missing_requests_against_a_prompts_file_exit_1_unless_allowed(tmp_path, capsys):
+    write_jsonl("prompts.jsonl", [{"prompt": "A?"}, {"prompt": "B?"}, {"prompt": "C?"}])
+    write_jsonl("gen.jsonl", [ft_line("request-1")])
+    code, out, err = run(capsys, "--input_file", "gen.jsonl", "--prompts_file", "prompts.jsonl",
+                         "--output_file", "out.jsonl")
+    assert code == 1
+    assert err.strip().splitlines()[-1] == (
+        "reformat_results.py: error: 2 of the 3 requests have no result; they are listed in out.failed.jsonl "
+        "(reason missing); pass --allow_partial to accept a partial result")
+    assert [(r["id"], r["reason"]) for r in read_jsonl("out.failed.jsonl")] == [("request-0", "missing"),
+                                                                                ("request-2", "missing")]
+    code, out, _ = run(capsys, "--input_file", "gen.jsonl", "--prompts_file", "prompts.jsonl",
+                       "--output_file", "out.jsonl", "--allow_partial")
+    assert code == 0 and out.startswith("1 ok, 0 failed, 2 missing\n")
+
+
+def test_a_generations_file_of_several_adapters_is_named_per_adapter(tmp_path, capsys):
+    write_jsonl("gen.lora-a.jsonl", [ft_line("x")])
+    write_jsonl("gen.base.jsonl", [ft_line("x")])
+    message = _bad(tmp_path, capsys, ["--input_file", "gen.jsonl", "--output_file", "out.jsonl"])
+    assert message.endswith("--input_file gen.jsonl: no such file (one file per adapter: gen.base.jsonl, "
+                            "gen.lora-a.jsonl: reformat each one, or give gen.jsonl to --compare); check the path")
+    code, _, err = run(capsys, "--input_file", "gen.lora-a.jsonl", "--output_file", "out.jsonl")
+    assert code == 0, err

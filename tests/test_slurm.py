@@ -36,7 +36,7 @@ JOB_SCRIPT = ROOT / "job_script.sh"
 CLUSTER_SH = ROOT / "tests" / "slurm" / "cluster.sh"
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
             "DEADLINE", "OUT_OF_MEMORY"}
-WAIT_LIMIT = 240  # seconds: a safety net against a hung queue, not a timing assertion
+WAIT_LIMIT = 600  # seconds: a safety net against a hung queue (a loaded machine included), not a timing assertion
 # Resources a test job asks for, overriding the script's #SBATCH lines (the GPU line stays:
 # the test node has fake `gpu` gres backed by placeholder devices).
 SMALL_JOB = ["--cpus-per-task=1", "--mem=1500M", "--time=00:10:00"]
@@ -162,9 +162,11 @@ def job_env(tiny_model, **settings) -> dict:
             "OMP_NUM_THREADS": "1", **settings}
 
 
-def sbatch(cluster: Cluster, *args: str, env: dict) -> str:
+def sbatch(cluster: Cluster, *args: str, env: dict, script_args: tuple[str, ...] = ()) -> str:
+    """Submit job_script.sh with the sbatch options ``args`` and its own ``script_args``."""
     Path("logs").mkdir(exist_ok=True)  # sbatch opens logs/... before the script runs
-    job_id = cluster.run("sbatch", "--parsable", *SMALL_JOB, *args, str(JOB_SCRIPT), env=env).strip()
+    job_id = cluster.run("sbatch", "--parsable", *SMALL_JOB, *args, str(JOB_SCRIPT), *script_args,
+                         env=env).strip()
     assert job_id.isdigit(), job_id
     return job_id
 
@@ -237,6 +239,40 @@ def test_bad_switch_value_is_a_usage_error():
     assert "DO_SAMPLE='maybe' is not a switch value (use 1 or 0)" in proc.stderr
 
 
+@pytest.mark.parametrize("value", ["x", "-1", "2.5", " 3"])
+def test_bad_max_requeues_is_a_usage_error(value):
+    proc = subprocess.run(["bash", str(JOB_SCRIPT)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "MODEL_NAME_OR_PATH": "m", "INPUT_FILE": "i",
+                               "DATAGEN_MAX_REQUEUES": value})
+    assert proc.returncode == 2
+    assert f"job_script.sh: error: DATAGEN_MAX_REQUEUES='{value}' is not a number of requeues" in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_arguments_reach_the_generator_byte_for_byte(tmp_path):
+    """Every argument after the script name reaches generate_data_finetuned.py as the same
+    bytes: no word splitting, no globbing, no option parsing of the script's own (a stop
+    string that starts with '-', in both spellings). PYTHON is a wrapper that records the
+    real argv of the generator's process and then runs it (it fails fast on the missing input)."""
+    wrapper = tmp_path / "python-wrapper"
+    wrapper.write_text("#!/bin/sh\n"
+                       'case $1 in */generate_data_finetuned.py) printf "%s\\0" "$@" > argv.nul ;; esac\n'
+                       f'exec {shlex.quote(sys.executable)} "$@"\n')
+    wrapper.chmod(0o755)
+    args = [b"--stop=---", b"--stop", b"---", b"--stop", b"two  words", b"--stop", b" *", b"--stop", b"$HOME `x` $(y)",
+            b"--stop", b"a'b\"c\\d", b"--stop", b"tab\there\nnewline", b"--stop", b"", b"--stop", b"\xff\xfe",
+            b"--stop", b"-", b"--stop", b"--"]
+    proc = subprocess.run([b"bash", os.fsencode(JOB_SCRIPT), *args], capture_output=True, timeout=120,
+                          env={**os.environ, "PYTHON": str(wrapper), "MODEL_NAME_OR_PATH": "m",
+                               "INPUT_FILE": "missing.jsonl"})
+    assert b"[job_script] generator started" in proc.stdout, proc.stderr
+    assert Path("argv.nul").read_bytes().split(b"\0")[:-1] == [
+        os.fsencode(ROOT / "generate_data_finetuned.py"), b"--model_name_or_path", b"m",
+        b"--input_file", b"missing.jsonl", *args]
+    assert proc.returncode != 0  # the generator's own error: the input is missing
+    assert sorted(os.listdir(tmp_path)) == ["argv.nul", "python-wrapper"]
+
+
 def test_outside_slurm_forwards_only_what_is_given(tiny_model):
     """`bash job_script.sh` runs the same command without SLURM: the settings from the
     environment, then the arguments verbatim, and no default of its own."""
@@ -255,7 +291,8 @@ def test_outside_slurm_forwards_only_what_is_given(tiny_model):
         "--max_new_tokens", "5", "--stop", "two words"]
     assert "[job_script] job none (not under SLURM), array job none, array task none of none" in proc.stdout
     assert "[job_script]   BATCH_SIZE=4" in proc.stdout
-    assert "[job_script]   TEMPERATURE (unset)" in proc.stdout
+    assert "TEMPERATURE" not in proc.stdout  # the header lists only the settings that are set
+    assert "[job_script] output: generations.jsonl (0 records at start);" in proc.stdout
     assert "exited with status 0" in proc.stdout
     records = read_jsonl("generations.jsonl")  # the Python script's own default output name
     assert sorted(r["custom_id"] for r in records) == ids
@@ -295,6 +332,7 @@ def test_sigterm_reaches_the_generator_and_a_rerun_resumes(tiny_model):
     records = read_jsonl("generations.jsonl")
     assert sorted(r["custom_id"] for r in records) == ids  # each exactly once
     assert f"{len(ids) - first_run} generated, {first_run} already there" in rerun.stdout
+    assert f"[job_script] output: generations.jsonl ({first_run} records at start);" in rerun.stdout
 
 
 def test_venv_is_activated_when_given(tiny_model):
@@ -310,6 +348,30 @@ def test_venv_is_activated_when_given(tiny_model):
     assert proc.returncode == 0, proc.stderr
     assert f"[job_script] python: {sys.prefix}/bin/python3 " in proc.stdout
     assert len(read_jsonl("generations.jsonl")) == 2
+
+
+def test_the_projects_venv_is_found_without_venv_or_python(tiny_model, tmp_path):
+    """Outside SLURM with neither VENV nor PYTHON set, the project's .venv is used (not a
+    system python3 without torch); a Python that cannot import the engine is one line."""
+    project_python = ROOT / ".venv" / "bin" / "python"
+    if not project_python.exists():
+        pytest.skip("no .venv in the project (make test creates it)")
+    write_prompts(Path("prompts.jsonl"), 2)
+    env = {k: v for k, v in job_env(tiny_model, MAX_NEW_TOKENS="2").items() if k != "PYTHON"}
+    environ = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "VIRTUAL_ENV", "VENV")}
+    proc = subprocess.run(["bash", str(JOB_SCRIPT)], capture_output=True, text=True, timeout=300,
+                          env={**environ, **env})
+    assert proc.returncode == 0, proc.stderr
+    assert f"[job_script] python: {project_python} " in proc.stdout
+    assert len(read_jsonl("generations.jsonl")) == 2
+    bare = tmp_path / "bare"  # a virtual environment without torch, transformers or peft
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=120)
+    proc = subprocess.run(["bash", str(JOB_SCRIPT)], capture_output=True, text=True, timeout=300,
+                          env={**environ, **env, "PYTHON": str(bare / "bin" / "python")})
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"job_script.sh: error: {bare}/bin/python cannot import torch transformers peft; run make venv in {ROOT}, "
+        "or set VENV=DIR or PYTHON=INTERPRETER to an environment with requirements.txt installed"]
 
 
 # --- with a real sbatch ------------------------------------------------------------------
@@ -336,19 +398,27 @@ def test_every_flag_of_the_generator_is_a_setting_of_the_job_script():
 
 @pytest.mark.slurm
 def test_array_job_shards_every_request_exactly_once(slurm_cluster, tiny_model):
+    """Three tasks write three shards; the stop strings given after the script name (two
+    starting with '-', as --stop=--- and --stop -x-, one with two spaces) reach every task's
+    generator unchanged."""
     ids = write_prompts(Path("prompts.jsonl"), 30)
     started = time.monotonic()
-    job_id = sbatch(slurm_cluster, "--array=0-2", env=job_env(tiny_model, BATCH_SIZE="4", MAX_NEW_TOKENS="8"))
+    stops = ["---", "two  words", "-x-"]
+    job_id = sbatch(slurm_cluster, "--array=0-2", env=job_env(tiny_model, BATCH_SIZE="4", MAX_NEW_TOKENS="8"),
+                    script_args=(f"--stop={stops[0]}", "--stop", stops[1], "--stop", "-x-"))
     states = wait_for_array(slurm_cluster, job_id, 3)
     print(f"\n3-task array job ran in {time.monotonic() - started:.1f} s")
     assert states == {0: "COMPLETED", 1: "COMPLETED", 2: "COMPLETED"}
     assert_every_request_once(ids, 3)
+    for k in range(3):
+        assert {tuple(r["generation"]["stop"]) for r in read_jsonl(shard_file(k, 3))} == {tuple(stops)}
     assert not Path("generations.jsonl").exists()  # each task wrote only its shard
     for k in range(3):
         log = Path(f"logs/datagen-{job_id}_{k}.out").read_text()  # --output=logs/%x-%A_%a.out
         runs = runs_in_log(log)
         assert len(runs) == 1 and f"array job {job_id}, array task {k} of 3, restart 0," in runs[0], runs
         assert f"[job_script]   MODEL_NAME_OR_PATH={tiny_model[0]}" in log
+        assert f"[job_script] output: {shard_file(k, 3)} (0 records at start);" in log
         assert "[job_script]   BATCH_SIZE=4" in log
         assert f"[job_script] python: {sys.executable} " in log
         assert f"wrote {shard_file(k, 3)}: 10 generated, 0 already there" in log
@@ -409,44 +479,89 @@ def test_interrupted_tasks_resume_without_loss_or_duplicates(slurm_cluster, tiny
     assert "DUE TO JOB REQUEUE" in logs[0]
 
 
+def run_time_s(cluster: Cluster, job_id: str) -> int:
+    """How long the job's current run has been running, from `scontrol show job`."""
+    found = re.search(r"RunTime=(?:(\d+)-)?(\d+):(\d+):(\d+)", cluster.run("scontrol", "show", "job", job_id))
+    days, hours, minutes, seconds = (int(x or 0) for x in found.groups())
+    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
 @pytest.mark.slurm
 def test_time_limit_signal_requeues_the_job_and_the_rerun_resumes(slurm_cluster, tiny_model):
-    """The real path of the #SBATCH lines: with a 1-minute limit and --signal=B:USR1@45,
-    SLURM sends USR1 to the batch shell before the limit; the script stops the generator,
-    requeues its own job, and the rerun resumes the same file. The work is far too much
-    for one minute, so the test stops the job itself once the rerun is under way."""
+    """The real path of the #SBATCH lines: SLURM itself sends USR1 to the batch shell when the
+    time limit is near (--signal=B:USR1@300); the script stops the generator, requeues its
+    own job, and the rerun resumes the same file. Nothing here assumes a speed: the limit is
+    cut to a few minutes only once the first record is written (so USR1 comes within
+    SLURM's next check), and given back once the job is requeued; the work is far too much
+    to finish, so the test stops the job itself once the rerun writes."""
     ids = write_prompts(Path("prompts.jsonl"), 5000)
-    job_id = sbatch(slurm_cluster, "--time=1", "--signal=B:USR1@45",
-                    env=job_env(tiny_model, BATCH_SIZE="1", MAX_NEW_TOKENS="32"))
+    job_id = sbatch(slurm_cluster, "--time=30", env=job_env(tiny_model, BATCH_SIZE="1", MAX_NEW_TOKENS="32"))
     log = Path(f"logs/datagen-{job_id}_4294967294.out")  # %a outside an array
+    output = Path("generations.jsonl")
 
     def text():
         return log.read_text() if log.exists() else ""
 
     def state():
         return slurm_cluster.run("squeue", "-h", "-j", job_id, "-t", "all", "-o", "%T").strip()
-    output = Path("generations.jsonl")
-    requeued_with = []  # records in the file while the job waited, requeued by itself
 
-    def resumed_after_requeue():
-        count = line_count(output)
-        if not requeued_with:
-            # USR1 may come while the model still loads: wait for a requeue after some output.
-            if count > 0 and state() == "PENDING" and f"requeueing job {job_id} to carry on" in text():
-                requeued_with.append(count)
-            return False
-        # The rerun starts by itself and writes more; starting over would repeat ids.
-        return count > requeued_with[0]
-    wait_until(resumed_after_requeue, "USR1 before the time limit, a requeue, and a rerun that writes",
-               slurm_cluster)
+    wait_until(lambda: line_count(output) > 0, "the first record", slurm_cluster)
+    # Under 300 s left: inside the warning window, so SLURM sends USR1 at its next check.
+    minutes = run_time_s(slurm_cluster, job_id) // 60 + 4
+    slurm_cluster.run("scontrol", "update", f"jobid={job_id}", f"TimeLimit={minutes}")
+    wait_until(lambda: state() == "PENDING" and f"requeueing job {job_id} to carry on" in text(),
+               "USR1 from SLURM before the time limit and a requeue", slurm_cluster)
+    requeued_with = line_count(output)
+    # The rerun gets the time back (else its own warning would come at once).
+    slurm_cluster.run("scontrol", "update", f"jobid={job_id}", "TimeLimit=30")
+    # The rerun starts by itself and writes more; starting over would repeat ids.
+    wait_until(lambda: line_count(output) > requeued_with, "the rerun to write", slurm_cluster)
     slurm_cluster.run("scancel", job_id)
     wait_until(lambda: state() in TERMINAL, "the job to end", slurm_cluster)
 
     runs = runs_in_log(text())
     assert len(runs) >= 2 and "restart 0," in runs[0] and "restart 1," in runs[1], runs
-    assert "USR1 at " in text().split(runs[1])[0]
-    with open("generations.jsonl", encoding="utf-8") as handle:  # complete lines only
+    first_run = text().split(runs[1])[0]
+    assert "USR1 at " in first_run
+    assert re.search(r"generation stopped \(status \d+\) with [1-9]\d* new record\(s\) since the start "
+                     rf"\(restart 0\); requeueing job {job_id} to carry on", first_run), first_run
+    with open(output, encoding="utf-8") as handle:  # complete lines only
         written = Counter(json.loads(line)["custom_id"] for line in handle if line.endswith("\n"))
-    assert len(written) > requeued_with[0]
+    assert len(written) > requeued_with
     assert [i for i, c in written.items() if c > 1] == [], "the rerun wrote some requests again"
     assert set(written) <= set(ids)
+
+
+@pytest.mark.slurm
+def test_a_job_without_progress_is_requeued_at_most_the_limit_then_stops(slurm_cluster, tiny_model):
+    """USR1 while the model still loads, in every run: with DATAGEN_MAX_REQUEUES=1 the first
+    run requeues, the rerun (SLURM_RESTART_COUNT=1) does not; it ends FAILED with the reason
+    in its log instead of requeueing forever."""
+    write_prompts(Path("prompts.jsonl"), 50)
+    job_id = sbatch(slurm_cluster, env=job_env(tiny_model, BATCH_SIZE="1", DATAGEN_MAX_REQUEUES="1"))
+    log = Path(f"logs/datagen-{job_id}_4294967294.out")
+
+    def text():
+        return log.read_text() if log.exists() else ""
+
+    def state():
+        return slurm_cluster.run("squeue", "-h", "-j", job_id, "-t", "all", "-o", "%T").strip()
+
+    for run in (1, 2):
+        # The signal follows the generator's start by a fraction of a second: it is still
+        # importing torch, far from its first record.
+        wait_until(lambda: text().count("[job_script] generator started (pid ") == run,
+                   f"run {run} to start its generator", slurm_cluster)
+        slurm_cluster.run("scancel", "--batch", "--signal=USR1", job_id)
+    wait_until(lambda: state() in TERMINAL, "the job to end", slurm_cluster)
+
+    assert state() == "FAILED"
+    runs = runs_in_log(text())
+    assert len(runs) == 2 and "restart 0," in runs[0] and "restart 1," in runs[1], runs
+    assert text().count("USR1 at ") == 2
+    assert text().count(f"with 0 new record(s) since the start (restart 0); requeueing job {job_id}") == 1
+    assert "requeueing job" not in text().split(runs[1])[1]
+    message = ("job_script.sh: error: no new record since the last start and 1 restart already; not requeueing: "
+               "give the job more time (--time) or a smaller --batch_size")
+    assert text().splitlines().count(message) == 1
+    assert line_count(Path("generations.jsonl")) == 0
