@@ -7,6 +7,8 @@
     python batch_utils.py --run --wait --download results.jsonl --poll_interval 60
     python batch_utils.py --retry_failed retry.jsonl --file batchinput.jsonl
     python batch_utils.py --run --file retry.jsonl --wait --download results-retry.jsonl
+    python batch_utils.py --run --wait --download results.jsonl --max_enqueued_tokens 2000000 \
+        --input_price 0.075 --output_price 0.30 --max_cost 20    # a large split input, paced and priced
     python batch_utils.py                             # list recent batches
 
 The key comes from ./openai.tok (or --key_file FILE), else OPENAI_API_KEY; it is never
@@ -17,9 +19,21 @@ split the input into STEM.part-NNN.jsonl files, each part becomes its own batch.
 refuses a file whose content already has a batch that is running or completed (its
 sha256 is in the batch metadata; --force submits it again). The ids go to
 last_batch_id.tok, one per line, and every other action uses them unless --id is given;
-the --run of a --retry_failed file adds its ids beside the originals. --download writes OUTPUT with the output lines of every batch (in the API's
-order: join on custom_id) and OUTPUT.errors.jsonl with the requests that failed,
-expired or were cancelled; both are complete or absent.
+the --run of a --retry_failed file adds its ids beside the originals. --download writes
+OUTPUT with the output lines of every batch (in the API's order: join on custom_id) and
+OUTPUT.errors.jsonl with the requests that failed, expired or were cancelled; both are
+complete or absent.
+
+--run --wait is a queue for inputs of any number of parts: it submits the parts that fit
+the model's enqueued-token limit and the rest as earlier batches end (a part refused with
+token_limit_exceeded waits for the next one to end; --max_enqueued_tokens N states the
+limit so that none is refused), then merges every part's results into OUTPUT. Tokens are
+estimated as input characters / 4 (rounded up) plus each request's output cap. Its state
+is in last_batch_id.manifest.json, beside the ids file: rerun the same command after a
+crash, a kill or Ctrl+C and it continues, never submitting a part twice; --check shows
+the queue. When the batches end it prints the tokens they used (and the cost, given
+--input_price/--output_price per 1M tokens); --max_cost USD refuses a --run whose input is
+estimated over USD.
 
 Exit status: 0 done (with --wait: every batch completed); 3 a batch failed (its input
 was refused); 4 a batch expired; 5 a batch was cancelled; 1 any other error, one line on

@@ -21,7 +21,8 @@ numbered parts STEM.part-001.jsonl, STEM.part-002.jsonl, ... (batch_utils.py --r
 takes them all). --max_tokens_per_file N also starts a new part before N estimated
 tokens (input characters / 4, rounded up, plus --max_tokens x n per request: what a
 batch counts against the model's enqueued-token limit), so that each part fits it;
---dry_run --max_enqueued_tokens N says how many parts fit that limit at once. The output is complete or absent: nothing is left on an error.
+--dry_run --max_enqueued_tokens N says how many parts fit that limit at once. The
+output is complete or absent: nothing is left on an error.
 The same batch file also feeds generate_data_finetuned.py, so both routes answer the
 same prompts under the same custom_ids.
 """

@@ -228,16 +228,17 @@ class LocalBatchServer:
     per request: input characters / 4 rounded up, plus the output cap) plus those of the
     model's unfinished batches (in_progress, finalizing, cancelling) must fit, else it
     fails with ``token_limit_exceeded``; a batch's tokens are freed when it ends (None:
-    no limit). ``empty_file_ids``: send
+    no limit). ``state_limit=False`` leaves "Limit: N enqueued tokens" out of that message,
+    as some OpenAI-compatible services do. ``empty_file_ids``: send
     an absent output/error file id as ``""`` instead of null, as the real API sometimes does.
     """
 
     def __init__(self, port: int = 0, api_key: str | None = "sk-local-test", step_seconds: float | None = None,
                  work_steps: int = 2, seed: int = 0, token_limit: int | None = None,
-                 storage: str | os.PathLike | None = None, empty_file_ids: bool = False):
+                 storage: str | os.PathLike | None = None, empty_file_ids: bool = False, state_limit: bool = True):
         self.port, self.api_key, self.step_seconds = port, api_key, step_seconds
         self.work_steps, self.token_limit = max(1, work_steps), token_limit
-        self.empty_file_ids = empty_file_ids
+        self.empty_file_ids, self.state_limit = empty_file_ids, state_limit
         self.random = random.Random(seed)
         self._own_storage = storage is None
         self.storage = Path(tempfile.mkdtemp(prefix="local-batch-server-")) if storage is None else Path(storage)
@@ -481,7 +482,8 @@ class LocalBatchServer:
             if not errors and over:
                 errors = [{"code": "token_limit_exceeded", "line": None, "param": None,
                            "message": f"Enqueued token limit reached for {model} in organization org-local. "
-                                      f"Limit: {self.token_limit:,} enqueued tokens. Please try again once some "
+                                      + (f"Limit: {self.token_limit:,} enqueued tokens. " if self.state_limit else "")
+                                      + "Please try again once some "
                                       "in_progress batches have been completed."}]
             if errors:
                 batch.obj.update(status="failed", failed_at=_now(), errors={"object": "list", "data": errors})

@@ -9,6 +9,9 @@ ids file and the client are in ``datagen.openai_client``).
 - Each batch's metadata records its input file's name and sha256 (``source_file``,
   ``source_sha256``): ``--run`` refuses a file whose content already has a live or
   completed batch among the saved ids and the recent batches, unless ``--force``.
+- ``--run --wait`` goes through the queue (``datagen.batch_queue``): parts are submitted
+  as they fit the enqueued-token limit, refused ones again as earlier batches end, and a
+  rerun continues from the manifest beside the ids file.
 - ``add_batch_args(parser)`` defines the flags; ``run_command(args, parser)`` runs them
   in the order run -> cancel -> wait -> check -> download.
 
@@ -30,7 +33,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterable
 
-from datagen import batchfile, cli
+from datagen import batch_queue, batchfile, cli
 from datagen.errors import UserError
 from datagen.jsonl import iter_jsonl_objects, temp_path_beside
 from datagen.openai_client import (IDS_FILE, KEY_FILE, Session, check_state_path, error_code, file_id_or_none,
@@ -73,6 +76,13 @@ def add_batch_args(parser: argparse.ArgumentParser) -> None:
     cli.add_flag(which, "force", action="store_true",
                  help="--run: submit even if the same file content already has a batch (you pay twice)")
     cli.add_flag(which, "limit", type=int, default=20, help="how many recent batches the list shows")
+    queue = parser.add_argument_group("the queue (--run --wait) and cost")
+    cli.add_flag(queue, "max_enqueued_tokens", type=int, default=None, metavar="N",
+                 help="--run --wait: the model's enqueued-token limit (see the account's limits page); parts are "
+                      "submitted only while they fit, so none is refused")
+    cli.add_flag(queue, "max_cost", type=float, default=None, metavar="USD",
+                 help="--run: refuse when the whole input is estimated over USD (needs both prices)")
+    batchfile.add_price_args(queue)
     api = parser.add_argument_group("API")
     cli.add_flag(api, "key_file", default=None,
                  help=f"file holding the API key (default: ./{KEY_FILE} if present, else $OPENAI_API_KEY)")
@@ -106,6 +116,17 @@ def check_combination(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error("--force goes with --run")
     if args.json and not args.check:
         parser.error("--json goes with --check")
+    if args.max_enqueued_tokens is not None and not (args.run and args.wait):
+        parser.error("--max_enqueued_tokens goes with --run --wait (the queue)")
+    if args.max_enqueued_tokens is not None and args.max_enqueued_tokens < 1:
+        parser.error("--max_enqueued_tokens must be at least 1")
+    if args.max_cost is not None and not args.run:
+        parser.error("--max_cost goes with --run")
+    if args.max_cost is not None and args.max_cost < 0:
+        parser.error("--max_cost must be 0 or more")
+    for name in ("input_price", "output_price"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            parser.error(f"--{name} must be 0 or more")
 
 
 # --- actions --------------------------------------------------------------------------
@@ -449,7 +470,8 @@ def list_recent(session: Session, limit: int) -> None:
 def _protected_paths(args: argparse.Namespace) -> list[Path]:
     """Files a --download must never overwrite: the batch input, its parts, key and ids."""
     source = Path(args.file)
-    candidates = [source, *batchfile.existing_parts(source), Path(args.ids_file), Path(KEY_FILE)]
+    candidates = [source, *batchfile.existing_parts(source), Path(args.ids_file),
+                  batch_queue.manifest_path(args.ids_file), Path(KEY_FILE)]
     if args.key_file:
         candidates.append(Path(args.key_file))
     return [path for path in candidates if path.exists()]
@@ -480,7 +502,15 @@ def _run(session: Session, args: argparse.Namespace) -> int:
     protected = _protected_paths(args)
     if args.download:  # refuse a bad output path before any upload or wait
         download_targets(args.download, protected)
+    if args.run and args.wait:
+        status = batch_queue.run_queue(session, args, protected)
+        if args.check:
+            check(session, load_batch_ids(args.ids_file), args.json)
+        return status
     if args.run:
+        if args.max_cost is not None:
+            batch_queue.check_cost(batch_queue.plan_parts(args.file), args.max_cost, args.input_price,
+                                   args.output_price)
         ids = submit(session, args.file, args.description, args.force)
     else:
         ids = parse_ids(args.id) if args.id else load_batch_ids(args.ids_file)
@@ -491,8 +521,12 @@ def _run(session: Session, args: argparse.Namespace) -> int:
     if args.wait:
         batches = wait(session, ids, args.poll_interval)
         status = wait_exit_status(batches)
+        batch_queue.report_usage([batch_queue.usage_of(b) for b in batches], args.input_price, args.output_price)
     if args.check:
         batches = check(session, ids, args.json)
+        queue = None if args.id or args.json else batch_queue.read_queue(args.ids_file)
+        if queue is not None and set(ids) <= {i for part in queue.parts for i in part.batches}:  # not a stale one
+            batch_queue.print_queue(queue, {b.id: b.status for b in batches})
     if args.download:
         if batches is not None and all(b.status == "failed" for b in batches):
             return status  # nothing to download; --wait printed why

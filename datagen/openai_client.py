@@ -8,7 +8,8 @@ one-line explanations of every API error and of answers that are not the Batch A
 - ``last_batch_id.tok``: the ids of the batches of the last ``--run``, one per line
   (``load_batch_ids`` / ``save_batch_ids``, written atomically). ``--retry_failed`` adds
   a comment line ``# retry: FILE sha256=HEX`` so that the ``--run`` of FILE adds its ids
-  beside the originals instead of replacing them.
+  beside the originals instead of replacing them. The queue of ``--run --wait`` keeps
+  its manifest beside it (``datagen.batch_queue``).
 - Reading the API's objects: ``request_counts``, ``validation_errors``, and per result
   line ``is_success`` / ``error_code`` (both shapes of the error file).
 - ``Session``: the SDK client made on first use; ``call`` turns an SDK error into a

@@ -349,7 +349,7 @@ def test_failed_download_leaves_no_temporary_file(api, cli):
     api.inject(500, count=10, method="GET", path="/content$", skip=1)  # the output comes, the errors fail
     result = cli("--download", "results.jsonl", "--max_retries", "0")
     assert result.rc == 1 and "downloading the errors of batch_" in result.error_line
-    assert sorted(files_in(".")) == ["batchinput.jsonl", "last_batch_id.tok", "openai.tok"]
+    assert sorted(files_in(".")) == ["batchinput.jsonl", "last_batch_id.manifest.json", "last_batch_id.tok", "openai.tok"]
 
 
 # --- the ids file is replaced atomically -------------------------------------------------

@@ -115,7 +115,7 @@ def test_run_wait_download_in_one_command(api, cli):
         f"q{i}": f"echo: question q{i}" for i in range(10) if i not in (3, 7)}
     errors = by_id("results.jsonl.errors.jsonl")
     assert errors["q3"]["response"]["status_code"] == 400 and errors["q7"]["error"]["code"] == "request_timeout"
-    assert sorted(files_in(".")) == ["batchinput.jsonl", "last_batch_id.tok", "openai.tok", "results.jsonl",
+    assert sorted(files_in(".")) == ["batchinput.jsonl", "last_batch_id.manifest.json", "last_batch_id.tok", "openai.tok", "results.jsonl",
                                      "results.jsonl.errors.jsonl"]
     digest = hashlib.sha256(Path("batchinput.jsonl").read_bytes()).hexdigest()
     assert api.batches[batch_id].obj["metadata"] == {"source_file": "batchinput.jsonl", "source_sha256": digest,
@@ -521,7 +521,7 @@ def test_dropped_download_leaves_nothing_and_a_rerun_completes(api, cli):
     assert result.rc == 1
     assert "the connection dropped after" in result.error_line
     assert "nothing was saved; rerun the same command to download it again" in result.error_line
-    assert sorted(files_in(".")) == ["batchinput.jsonl", "last_batch_id.tok", "openai.tok"]
+    assert sorted(files_in(".")) == ["batchinput.jsonl", "last_batch_id.manifest.json", "last_batch_id.tok", "openai.tok"]
     rerun = cli("--download", "results.jsonl", "--max_retries", "0")
     assert rerun.rc == 0 and len(read_jsonl("results.jsonl")) == 19
     assert len(read_jsonl("results.jsonl.errors.jsonl")) == 1
@@ -544,7 +544,7 @@ def test_download_errors_after_the_sdk_retries_are_one_line(api, cli):
     result = cli("--download", "results.jsonl", "--max_retries", "1")
     assert result.rc == 1 and "downloading the output of batch_" in result.error_line
     assert "the server failed (500) after 1 retries" in result.error_line
-    assert sorted(files_in(".")) == ["batchinput.jsonl", "last_batch_id.tok", "openai.tok"]
+    assert sorted(files_in(".")) == ["batchinput.jsonl", "last_batch_id.manifest.json", "last_batch_id.tok", "openai.tok"]
 
 
 def test_download_never_overwrites_the_input_or_state_files(api, cli):

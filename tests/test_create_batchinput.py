@@ -137,6 +137,47 @@ def test_split_by_bytes_keeps_every_part_under_the_limit(tmp_path, capsys):
     assert sum(len(read_jsonl(p)) for p in parts) == 20
 
 
+def test_split_by_estimated_tokens(tmp_path, capsys):
+    from datagen.batchfile import estimate_tokens
+
+    path = many_prompts(tmp_path, 20)  # "prompt number 0" .. "prompt number 19"
+    code, out, _ = run(capsys, "--input_file", path, "--model_name", MODEL, "--max_tokens", "20",
+                       "--max_tokens_per_file", "100")
+    assert code == 0
+    parts = sorted(tmp_path.glob("batchinput.part-*.jsonl"))
+    per_part = [sum(estimate_tokens(line["url"], line["body"]) for line in read_jsonl(p)) for p in parts]
+    assert len(parts) > 1 and all(tokens <= 100 for tokens in per_part)
+    assert [line["custom_id"] for p in parts for line in read_jsonl(p)] == [f"request-{i}" for i in range(20)]
+    assert f"wrote batchinput.part-001.jsonl: {len(read_jsonl(parts[0]))} requests" in out
+    assert f"about {per_part[0]:,} tokens" in out
+
+
+def test_dry_run_says_how_many_parts_fit_the_enqueued_limit(tmp_path, capsys):
+    path = many_prompts(tmp_path, 20)
+    args = ("--input_file", path, "--model_name", MODEL, "--max_tokens", "20", "--max_tokens_per_file", "100",
+            "--dry_run")
+    code, out, _ = run(capsys, *args, "--max_enqueued_tokens", "250")
+    assert code == 0 and files_in(tmp_path) == ["many.jsonl"]
+    parts = [int(line.split("about ")[1].split()[0].replace(",", "")) for line in out.splitlines()
+             if line.startswith("would write")]
+    fit = next(k for k in range(len(parts) + 1) if k == len(parts) or sum(parts[:k + 1]) > 250)
+    assert f"enqueued-token limit 250: {fit} of {len(parts)} part(s) fit at once" in out
+    code, out, _ = run(capsys, *args, "--max_enqueued_tokens", "50")
+    assert code == 0 and "part 1 alone is about" in out and "would always be refused" in out
+
+
+def test_a_request_over_the_token_split_alone_is_refused(tmp_path, capsys):
+    path = many_prompts(tmp_path, 3)
+    code, _, err = run(capsys, "--input_file", path, "--model_name", MODEL, "--max_tokens", "100",
+                       "--max_tokens_per_file", "50")
+    assert code == 1
+    assert f"{path}:1 (row 0): this request alone is about 108 tokens (input + its output cap), over " \
+           "--max_tokens_per_file 50" in err
+    assert files_in(tmp_path) == ["many.jsonl"]
+    code, _, err = run(capsys, "--input_file", path, "--model_name", MODEL, "--max_enqueued_tokens", "5")
+    assert code == 1 and "--max_enqueued_tokens goes with --dry_run" in err
+
+
 def test_dry_run_prints_counts_tokens_and_cost_and_writes_nothing(tmp_path, capsys):
     path = many_prompts(tmp_path, 10)
     code, out, _ = run(capsys, "--input_file", path, "--model_name", MODEL, "--dry_run", "--max_requests_per_file", "4",

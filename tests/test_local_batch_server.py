@@ -219,6 +219,33 @@ def test_token_limit_fails_the_batch():
         assert batch.status == "failed" and batch.errors.data[0].code == "token_limit_exceeded"
 
 
+def test_enqueued_token_limit_per_model_is_freed_when_a_batch_ends():
+    from datagen.batchfile import estimate_tokens
+
+    line = chat_line("a", "one two three four five")
+    line["body"]["max_completion_tokens"] = 7
+    tokens = estimate_tokens(line["url"], line["body"])
+    chars = len("be brief") + len("one two three four five") + 2 * 16  # two messages, 4 tokens of overhead each
+    assert tokens == -(-chars // 4) + 7  # characters / 4 rounded up, plus the output cap
+    with LocalBatchServer(api_key=KEY, token_limit=2 * tokens) as server, \
+            openai.OpenAI(api_key=KEY, base_url=server.base_url, max_retries=0) as client:
+        def create(model="gpt-4o-mini"):
+            other = {**line, "body": {**line["body"], "model": model}}
+            uploaded = upload(client, [other], name=f"{model}.jsonl")
+            batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                          completion_window="24h")
+            return client.batches.retrieve(batch.id)  # one step: validated against the limit
+
+        first, second, third = create(), create(), create()
+        assert [b.status for b in (first, second)] == ["in_progress", "in_progress"]
+        assert third.status == "failed" and third.errors.data[0].code == "token_limit_exceeded"
+        assert third.errors.data[0].message.startswith("Enqueued token limit reached for gpt-4o-mini in organization")
+        assert f"Limit: {2 * tokens:,} enqueued tokens" in third.errors.data[0].message
+        assert create("gpt-4o").status == "in_progress"  # another model has its own limit
+        run_to_end(client, first.id)
+        assert create().status == "in_progress"  # the first batch's tokens were freed when it ended
+
+
 def test_upload_and_create_refusals(client):
     with pytest.raises(openai.BadRequestError, match="Must be .jsonl"):
         client.files.create(file=("input.csv", b"a,b\n"), purpose="batch")
