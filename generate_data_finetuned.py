@@ -173,6 +173,9 @@ def generate(args) -> int:
                                  args.seed, args.num_return_sequences, args.stop)
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.compile and args.use_generate:
+        raise UserError("--compile compiles the engine's greedy decoding loop, which --use_generate turns off: "
+                        "drop one of the two")
     adapters = inputs.parse_adapters(args.adapter_path)
     engine_name, why = choose_engine(args)
     outputs = output_paths(args)

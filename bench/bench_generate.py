@@ -5,6 +5,7 @@
     .venv/bin/python bench/bench_generate.py --prompts 32      # a quicker run
     .venv/bin/python bench/bench_generate.py --compile         # also the engine with --compile
     .venv/bin/python bench/bench_generate.py --gpu             # GPU: a larger random model in bf16
+    .venv/bin/python bench/bench_generate.py --hidden 256      # head size 64: vLLM's CPU build runs it too
 
 Builds a random-weight Llama-style model and a LoRA adapter on the spot
 (``datagen.tinymodel``; nothing is downloaded) and prompts of mixed lengths, then
@@ -21,6 +22,12 @@ base + adapter:
   ones as fit the same token budget (so no batch holds a larger KV cache than the
   pipeline's worst batch of B), left padding, greedy decoding in the engine's own loop,
   records appended to a file as a run would.
+
+- (d) the same run on the vLLM engine (``datagen.engine_vllm``), when vLLM is installed
+  (``make vllm``) and takes the model (its CPU build needs a head size of 32 or more:
+  ``--hidden 256``): the adapter unmerged (vLLM applies LoRA per request), the same
+  batches handed to one ``llm.generate`` call each. Its text is the tokenizer's decoding
+  of vLLM's token ids, so equal text means equal ids.
 
 With ``--compile`` it also times (c+), the engine with ``--compile`` (``torch.compile``
 of the greedy loop's prefill and decode steps), after a first run that compiles, whose
@@ -44,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import tempfile
@@ -107,6 +115,24 @@ def with_engine(generator, prompts, max_new_tokens, batch_size, out_path, max_ba
     return [by_id[f"r{i}"]["generated_text"] for i in range(len(prompts))], stats
 
 
+def start_vllm(base, adapter, dtype: str, context: int, gpu: bool):
+    """The vLLM engine on the same base and adapter, or (None, why not)."""
+    from datagen import engine_vllm
+    from datagen.errors import UserError
+
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines would bury the table
+    if not gpu:  # vLLM's CPU build: a small KV cache, every core for the model
+        cores = sorted(os.sched_getaffinity(0))
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+        if cores == list(range(cores[0], cores[-1] + 1)):
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{cores[0]}-{cores[-1]}")
+    try:
+        return engine_vllm.VLLMEngine(str(base), {"adapter": str(adapter)}, dtype=dtype, max_model_len=context), ""
+    except UserError as exc:
+        return None, str(exc)
+
+
 def unsorted_pad_tokens(tokenizer, prompts, batch_size) -> int:
     lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
     pads = 0
@@ -149,6 +175,8 @@ def main(argv=None) -> int:
                         help="the engine's token budget, as generate_data_finetuned.py takes it (default auto; "
                              "0: plain batches of B)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds of every method, interleaved; the best of each counts")
+    parser.add_argument("--vllm", choices=("auto", "on", "off"), default="auto",
+                        help="(d), the vLLM engine: auto (when installed and it takes the model), on (fail if not), off")
     parser.add_argument("--skip_one_at_a_time", action="store_true", help="skip (a), the slow baseline")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -190,6 +218,12 @@ def main(argv=None) -> int:
         loaded = hf_model.load_model(str(base), str(adapter), dtype=dtype, device_map=str(device) if args.gpu else None)
         generator = engine_hf.HFEngine(loaded)
         compiled = engine_hf.HFEngine(loaded, compile=True) if args.compile else None
+        vllm_engine, vllm_why = None, "--vllm off"
+        if args.vllm != "off":
+            vllm_engine, vllm_why = start_vllm(base, adapter, dtype, 1024, args.gpu)
+            if vllm_engine is None and args.vllm == "on":
+                print(f"--vllm on: {vllm_why}", file=sys.stderr)
+                return 1
         params = sum(p.numel() for p in loaded.model.parameters())
         weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
         print(f"model: Llama-style, hidden {hidden}, {layers} layers, {params / 1e6:.1f}M parameters, {dtype}, "
@@ -201,6 +235,8 @@ def main(argv=None) -> int:
         one_at_a_time(peft_model, tokenizer, prompts[:1], 2, device)
         with_pipeline(pipe, prompts[:2], 2, 2)
         with_engine(generator, prompts[:2], 2, 2, tmp / "warm.jsonl")
+        if vllm_engine is not None:
+            with_engine(vllm_engine, prompts[:2], 2, 2, tmp / "warm.jsonl")
         if compiled is not None:  # compiling is a one-time cost per process: timed, but apart
             _, t_compile = timed(lambda: with_engine(compiled, prompts, N, B, tmp / "warm.jsonl", budget))
 
@@ -213,6 +249,8 @@ def main(argv=None) -> int:
             methods["a"] = lambda: one_at_a_time(peft_model, tokenizer, prompts, N, device)
         if compiled is not None:
             methods["c+"] = lambda: with_engine(compiled, prompts, N, B, tmp / "compiled.jsonl", budget)
+        if vllm_engine is not None:
+            methods["d"] = lambda: with_engine(vllm_engine, prompts, N, B, tmp / "vllm.jsonl", budget)
         if args.large_batch and args.large_batch != B:
             methods["c2"] = lambda: with_engine(generator, prompts, N, args.large_batch, tmp / "large.jsonl", budget)
         runs: dict[str, list] = {key: [] for key in methods}
@@ -226,6 +264,8 @@ def main(argv=None) -> int:
                 ("(c) engine, batch %d" % B, t_engine, engine_texts)]
         if "c+" in best:
             rows.append(("(c+) engine --compile, batch %d" % B, best["c+"][1], best["c+"][0][0]))
+        if "d" in best:
+            rows.append(("(d) vLLM engine, batch %d" % B, best["d"][1], best["d"][0][0]))
         if "c2" in best:
             rows.append(("(c') engine, batch %d" % args.large_batch, best["c2"][1], best["c2"][0][0]))
         if "a" in best:
@@ -247,6 +287,12 @@ def main(argv=None) -> int:
                   f"engine --compile vs pipeline, both batch {B}: {t_pipe / best['c+'][1]:.2f}x")
             print(f"  (compiling took place in a first run of {t_compile:.1f} s, against {t_engine:.2f} s for a run "
                   "without it: a one-time cost per process, like loading the model)")
+        if "d" in best:
+            t_vllm = best["d"][1]
+            print(f"vLLM engine vs this engine (Hugging Face), both batch {B}: {t_engine / t_vllm:.2f}x; "
+                  f"vs pipeline: {t_pipe / t_vllm:.2f}x")
+        else:
+            print(f"(d) vLLM engine not timed: {vllm_why}")
         if "c2" in best:
             print(f"engine at batch {args.large_batch} vs pipeline at batch {B}: {t_pipe / best['c2'][1]:.2f}x "
                   "(the engine halves a batch on out-of-memory, so a large batch is a safe request)")

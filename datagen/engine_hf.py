@@ -386,7 +386,7 @@ class HFEngine:
                     else:
                         low = mid + 1
                 end = low
-        return Sample(text, finish, end)
+        return Sample(text, finish, end, list(tokens[:end]))
 
 
 

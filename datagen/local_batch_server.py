@@ -6,7 +6,7 @@
 
 The tests start it on 127.0.0.1 and a free port, and the real ``openai`` SDK talks to it
 over HTTP; the demo starts it the same way. It behaves like the real service as far as a
-batch tool can see (see FACTS.md in the project notes):
+batch tool can see:
 
 - ``POST /v1/files`` (multipart, ``purpose=batch``, ``.jsonl`` only), ``GET /v1/files[/ID]``,
   ``GET /v1/files/ID/content`` (streamed from disk), ``DELETE /v1/files/ID``

@@ -246,7 +246,7 @@ def error_code(line: dict) -> str:
 
 
 def is_success(line: dict) -> bool:
-    """A line is a success only with a response, status 200 and no error (FACTS: read both files)."""
+    """A line is a success only with a response, status 200 and no error (the Batch API reports failures in both files)."""
     response = line.get("response")
     return isinstance(response, dict) and response.get("status_code") == 200 and line.get("error") is None
 

@@ -122,10 +122,11 @@ def make_record(custom_id: str, samples: list[Sample], prompt_tokens: int, prove
     record = {"custom_id": custom_id, "generated_text": first.text, "finish_reason": first.finish_reason,
               "prompt_tokens": prompt_tokens, "completion_tokens": sum(s.completion_tokens for s in samples)}
     if first.logprobs is not None:
-        record["logprobs"] = first.logprobs  # per token, in OpenAI's shape
+        record["logprobs"] = {"content": first.logprobs}  # per token, as an OpenAI choice's logprobs
     if len(samples) > 1:
         record["samples"] = [{"text": s.text, "finish_reason": s.finish_reason, "completion_tokens": s.completion_tokens,
-                              **({"logprobs": s.logprobs} if s.logprobs is not None else {})} for s in samples]
+                              **({"logprobs": {"content": s.logprobs}} if s.logprobs is not None else {})}
+                             for s in samples]
     record.update(provenance.fields())
     if ignored:
         record["ignored_fields"] = list(ignored)

@@ -4,7 +4,7 @@ Two kinds of raw line are read, recognised from their keys (``line_kind``):
 
 - **OpenAI envelope** ``{"id", "custom_id", "response": {"status_code", "request_id", "body"},
   "error"}``: ``openai_result``. A line is a success only if ``response`` is present,
-  ``status_code`` is 200 and ``error`` is null (FACTS.md). ``fast_chat_record`` builds the
+  ``status_code`` is 200 and ``error`` is null (the Batch API reports some failures in both places). ``fast_chat_record`` builds the
   common line (a one-choice chat success) directly, with the same record.
 - **Fine-tuned generations** ``{"custom_id", "generated_text", "finish_reason", ...,
   "source": "finetuned"}``: ``finetuned_result``.

@@ -12,7 +12,7 @@ Two kinds of raw result line are read, recognised from their keys:
   "error"}``: the Batch API's output file and its ``.errors.jsonl`` error file, and the same
   envelope written by other tools (vLLM's ``run-batch``, whose failures sit inline in the
   output file). A line is a success only if ``response`` is present, ``status_code`` is
-  200 and ``error`` is null (FACTS.md).
+  200 and ``error`` is null (the Batch API reports some failures in both places).
 - **Fine-tuned generations** ``{"custom_id", "generated_text", "finish_reason", ...,
   "source": "finetuned"}`` written by ``generate_data_finetuned.py`` (one file, or its
   shards ``STEM.shard-KKK-of-NNN.jsonl``).

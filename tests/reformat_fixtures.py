@@ -1,6 +1,6 @@
 """Real-shaped raw result lines for the reformat_results.py tests.
 
-Bodies follow the OpenAI API reference and what the Batch API returns (FACTS.md);
+Bodies follow the OpenAI API reference and what the Batch API returns;
 vLLM lines follow vllm/entrypoints/openai/run_batch.py; fine-tuned lines follow the
 generations contract of generate_data_finetuned.py. Written by hand on purpose.
 """

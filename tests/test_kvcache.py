@@ -75,14 +75,18 @@ def test_a_model_reads_the_same_logits_through_a_reserved_cache():
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL)).eval()
     ids = torch.randint(0, 64, (3, 7))
+    import inspect
+
+    # Newer transformers call the argument cache, older ones past_key_values: take this version's.
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.inference_mode():
         outputs = []
         for cache in (None, kvcache.reserved_cache(model.config, 7, 4)):
-            out = model(input_ids=ids, cache=cache, use_cache=True)
-            cache, logits = out.cache, [out.logits]
+            out = model(input_ids=ids, use_cache=True, **{key: cache})
+            cache, logits = getattr(out, key), [out.logits]
             for _ in range(4):
-                out = model(input_ids=logits[-1][:, -1:].argmax(-1), cache=cache, use_cache=True)
-                cache = out.cache
+                out = model(input_ids=logits[-1][:, -1:].argmax(-1), use_cache=True, **{key: cache})
+                cache = getattr(out, key)
                 logits.append(out.logits)
             outputs.append(logits)
     assert all(torch.equal(a, b) for a, b in zip(*outputs))

@@ -26,7 +26,7 @@ SPEC = json.loads((Path(__file__).parent / "data" / "openai-openapi-files-batche
 
 
 def strip_nulls(obj):
-    """The spec declares fields the real API sends as null non-nullable (FACTS.md): drop them."""
+    """The spec declares fields the real API sends as null non-nullable: drop them."""
     if isinstance(obj, dict):
         return {key: strip_nulls(value) for key, value in obj.items() if value is not None}
     if isinstance(obj, list):
