@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 .PHONY: demo test venv dev clean bench vllm
 
 $(VENV)/.runtime: requirements.txt
-	@echo "== set-up 1/2: $(VENV) with requirements.txt (about 1-2 min on a fresh machine) =="
+	@echo "== set-up 1/2: $(VENV) with requirements.txt (about 1 min, more where pip downloads torch) =="
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(PY) -c "import torch" 2>/dev/null; then \

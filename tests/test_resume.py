@@ -17,7 +17,7 @@ import pytest
 
 import create_batchinput
 import reformat_results
-from datagen import records, tinymodel
+from datagen import hf_model, records, tinymodel
 from tests.test_generate_data_finetuned import error_line, prompt_text, run_main, tiny, write_prompts  # noqa: F401
 from tests.util import ROOT, files_in, read_jsonl, write_jsonl
 
@@ -270,3 +270,16 @@ def test_a_signal_keeps_the_finished_records_and_says_how_to_resume(tiny, signum
     assert f"{len(kept)} of 40 requests done in gen.jsonl; rerun the same command to resume" in last
     assert "Traceback" not in err
     assert sorted(files_in(".")) == ["gen.jsonl", "prompts.jsonl"]
+
+
+def test_template_escapes_reach_the_model_on_the_fine_tuned_route(tiny, capsys):
+    """--prompt_template 'Q: {prompt}\\nA:' (as the README shows it) sends a real newline."""
+    write_prompts(count=2)
+    code, _, err = run_main(capsys, *base_args(tiny, "--prompt_template", "Q: {prompt}\\nA:", "--use_chat_template",
+                                               "never"))
+    assert code == 0, err
+    tokenizer = hf_model.load_model(str(tiny["base"])).tokenizer
+    for i, record in enumerate(read_jsonl("gen.jsonl")):
+        sent = f"Q: {prompt_text(i)}\nA:"
+        assert record["prompt_tokens"] == len(tokenizer(sent)["input_ids"])
+        assert record["fingerprint"]["input"] == records.input_digest(tokenizer(sent)["input_ids"])
