@@ -76,7 +76,9 @@ class Engine(Protocol):
                  seed: int) -> list[list[Sample]]:
         """For each prompt (token ids), answered by its entry of ``adapters``,
         ``params.num_return_sequences`` samples, in order. ``seed`` seeds this batch's
-        sampling. The run has checked each prompt's length against ``context_length``."""
+        sampling. The run has checked each prompt's length against ``context_length``.
+        ``RequestRejected`` for a request the engine refuses: the run then retries the
+        batch's requests one by one and writes the refused one as a failed record."""
 
 
 class RequestRejected(Exception):

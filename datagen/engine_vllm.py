@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from datagen import records
-from datagen.engine import GenParams, Sample
+from datagen.engine import GenParams, RequestRejected, Sample
 from datagen.engine_hf import cut_at_stop
 from datagen.errors import UserError, first_line
 from datagen.hf_model import Adapter, adapter_weights_file, check_adapter_folder, model_folder, resolve_dtype
@@ -221,13 +221,22 @@ class VLLMEngine:
         whole batch, each prompt with its own seed (``request_seed``) and adapter."""
         from vllm.inputs import TokensPrompt
 
+        try:  # the request's own fault (a schema it cannot compile, ...), as vLLM classes it
+            from vllm.exceptions import VLLMClientError as refused
+        except ImportError:  # pragma: no cover - older vLLM
+            refused = ValueError
+
         for adapter in set(adapters):
             if adapter not in self.adapters:
                 raise ValueError(f"{adapter!r} is not one of this engine's adapters {self.adapters}")
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(ids)) for ids in prompts],
-                                    [self.sampling_params(params, request_seed(seed, i)) for i in range(len(prompts))],
-                                    lora_request=[self._lora.get(a) if a is not None else None for a in adapters],
-                                    use_tqdm=False)
+        try:
+            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(ids)) for ids in prompts],
+                                        [self.sampling_params(params, request_seed(seed, i))
+                                         for i in range(len(prompts))],
+                                        lora_request=[self._lora.get(a) if a is not None else None for a in adapters],
+                                        use_tqdm=False)
+        except (ValueError, refused) as exc:
+            raise RequestRejected("invalid_request", f"vLLM refused the request ({first_line(exc)})") from None
         results = []
         for output in outputs:
             samples = [self._sample(completion, params) for completion in output.outputs]

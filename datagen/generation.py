@@ -410,6 +410,13 @@ class _Run:
                 results = self.engine.generate([item.input_ids for item in batch], params,
                                                [item.target.adapter for item in batch],
                                                batch_seed(params.seed, [item.request.custom_id for item in batch]))
+            except RequestRejected as exc:
+                # The engine refused something in the batch: find the request(s) one by one.
+                if len(batch) > 1:
+                    pending = [[item] for item in batch] + pending
+                else:
+                    self._write_failed(batch[0], params, exc)
+                continue
             except Exception as exc:
                 if not is_oom(exc):
                     raise

@@ -178,6 +178,22 @@ def test_json_schema_output_parses_and_matches(vllm_engine):
     assert sample.finish_reason == "length" or isinstance(json.loads(sample.text), dict)
 
 
+def test_a_schema_vllm_refuses_is_a_failed_record_and_the_rest_are_done(vllm_engine, tmp_path):
+    """A request vLLM refuses (a JSON schema it cannot compile) does not end the run: its
+    batch is retried one by one, it becomes a failed record, the others are answered."""
+    requests = requests_for(vllm_engine.tokenizer, 3)
+    requests[1].params = {"json_schema": json.dumps({"type": "no-such-type"})}
+    out = tmp_path / "gen.jsonl"
+    stats = generation.run_generation(vllm_engine, requests, {None: out},
+                                      inputs.Overrides(temperature=0, max_new_tokens=6), 4, show_progress=False)
+    by_id = {r["custom_id"]: r for r in read(out)}
+    assert list(by_id) == [r.custom_id for r in requests]
+    assert stats.failed == {"invalid_request": 1}
+    bad = by_id[requests[1].custom_id]
+    assert bad["error"]["code"] == "invalid_request" and "vLLM refused the request" in bad["error"]["message"]
+    assert all("generated_text" in by_id[r.custom_id] for r in (requests[0], requests[2]))
+
+
 def requests_for(tokenizer, count: int) -> list[inputs.Request]:
     texts = tokenizer.batch_decode(prompt_ids(tokenizer, count, seed=5))
     return [inputs.Request(f"r{i}", i, f"prompts.jsonl:{i + 1}", text=t, raw=True) for i, t in enumerate(texts)]
