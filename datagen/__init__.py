@@ -4,15 +4,25 @@ One home for each file format and each shared flag:
 
 - ``errors``              UserError, the one exception type that becomes a one-line message
 - ``jsonl``               the JSON codec, streaming JSONL reading (file:line errors), atomic writes
-- ``cli``                 the shared ``main()`` wrapper, logging, progress bars, flag helpers
+- ``cli``                 the shared ``main()`` wrapper, signals, OS errors, logging, progress bars, flags
+- ``params``              the OpenAI API's parameter types and ranges, checked in one place
 - ``prompts``             prompts files of every supported kind, read as a stream of records
 - ``batchfile``           OpenAI Batch API input lines: endpoints, bodies, limits, part files
-- ``openai_batch``        the Batch API lifecycle behind batch_utils.py (key and id files too)
-- ``local_batch_server``  a local stand-in of the Files + Batches API (tests and the demo)
-- ``generation``          the Hugging Face + LoRA engine behind generate_data_finetuned.py
+- ``openai_client``       the Batch API client: key file, batch-ids file, one-line API errors
+- ``openai_batch``        the Batch API commands behind batch_utils.py
+- ``batch_queue``         many parts within the enqueued-token limit, and the run's manifest
+- ``local_batch_server``  a local stand-in of the Files + Batches API (tests and the demo), over
+                          ``local_batch_http`` (its HTTP front) and ``local_batch_answers`` (its fake answers)
+- ``inputs``              the fine-tuned route's requests, parameters, shards and adapters
+- ``generation``          its engine-independent run: rendering, batches, resume, failed records
+- ``records``             its records, fingerprints, resume check, the lock on the output
+- ``engine``              the engine protocol; ``hf_model`` + ``engine_hf`` (Hugging Face, LoRA
+                          checks, greedy loop), ``engine_vllm`` (vLLM)
 - ``kvcache``             the greedy loop's KV cache, which writes each token in place
 - ``tinymodel``           tiny models and LoRA adapters built on the spot (tests and the demo)
-- ``results``             raw results of both routes into one schema (reformat_results.py)
+- ``results``             raw results of both routes into one schema (reformat_results.py), over
+                          ``result_answers``, ``result_lines``, ``result_requests``, ``result_store``,
+                          ``result_output``
 - ``compare``             runs of either route side by side, joined on the id (--compare)
 - ``demo``                ``make demo``: both routes end to end, offline
 

@@ -18,7 +18,8 @@ import jsonschema
 import openai
 import pytest
 
-from datagen.local_batch_server import BANNER, LocalBatchServer, embedding_for
+from datagen.local_batch_answers import embedding_for
+from datagen.local_batch_server import BANNER, LocalBatchServer
 from tests.util import ROOT, write_jsonl
 
 KEY = "sk-local-server-test-key-0001"
