@@ -21,8 +21,10 @@ sha256 is in the batch metadata; --force submits it again). The ids go to
 last_batch_id.tok, one per line, and every other action uses them unless --id is given;
 the --run of a --retry_failed file adds its ids beside the originals. --download writes
 OUTPUT with the output lines of every batch (in the API's order: join on custom_id) and
-OUTPUT.errors.jsonl with the requests that failed, expired or were cancelled; both are
-complete or absent.
+OUTPUT.errors.jsonl with the requests that failed, expired or were cancelled, and
+OUTPUT.source.json saying which batches and input file (name, sha256) they came from; all
+are complete or absent. Every batch --run creates is also listed in
+last_batch_id.history.jsonl, so an earlier run's batches are found after a later --run.
 
 --run --wait is a queue for inputs of any number of parts: it submits the parts that fit
 the model's enqueued-token limit and the rest as earlier batches end (a part refused with

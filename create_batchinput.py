@@ -141,16 +141,19 @@ def report(args, writer: batchfile.BatchFileWriter, paths, input_tokens: int, pa
         log.info("over the per-file limits (%s requests, %s bytes%s): split into %d parts",
                  f"{args.max_requests_per_file:,}", f"{args.max_bytes_per_file:,}", tokens, parts)
     for path, n, size, tokens in zip(paths, writer.part_counts, writer.part_bytes, writer.part_tokens):
-        print(f"{verb} {path}: {n:,} requests, {size:,} bytes, about {tokens:,} tokens")
+        print(f"{verb} {path}: {n:,} requests, {size:,} bytes, about {tokens:,} tokens (estimated input + output cap)")
     if not args.dry_run:
         return
     if args.max_enqueued_tokens is not None:
         print(fitting_parts(writer.part_tokens, args.max_enqueued_tokens))
     samples = params.n or 1
     print(f"total: {count:,} requests in {parts} file(s), about {input_tokens:,} input tokens "
-          f"(~{CHARS_PER_TOKEN} characters per token)")
+          f"(estimated, ~{CHARS_PER_TOKEN} characters per token)")
     if params.max_tokens is not None:
-        print(f"output: at most {count * samples * params.max_tokens:,} tokens ({params.max_tokens} x {samples} per request)")
+        print(f"output: at most {count * samples * params.max_tokens:,} output tokens (the cap: --max_tokens "
+              f"{params.max_tokens} x n {samples} per request)")
+    else:
+        print("output: no bound on output tokens (no --max_tokens)")
     if args.input_price is not None:
         cost = input_tokens / 1e6 * args.input_price
         line = f"estimated cost: {usd(cost)} input"

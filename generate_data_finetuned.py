@@ -42,7 +42,7 @@ import sys
 import time
 from pathlib import Path
 
-from datagen import batchfile, cli, engine, engine_hf, generation, hf_model, inputs, params, prompts, records
+from datagen import batchfile, cli, engine, engine_hf, generation, hf_model, inputs, model_files, params, prompts, records
 from datagen.errors import UserError
 
 log = logging.getLogger("datagen")
@@ -111,7 +111,7 @@ def build_parser():
                       "adapters in the same batches); auto: vllm when it is installed and a CUDA GPU is present, "
                       "else hf")
     cli.add_flag(run, "tensor_parallel_size", type=int, default=1, help="vllm: GPUs to split the model over")
-    cli.add_flag(run, "gpu_memory_utilization", type=float, default=0.9,
+    cli.add_flag(run, "gpu_memory_utilization", type=cli.number(0.01, 1), default=0.9,
                  help="vllm: share of GPU memory for weights and KV cache")
     cli.add_flag(run, "max_model_len", type=int, default=None,
                  help="vllm: context length to plan the KV cache for (default: the model's)" + OWN_DEFAULT)
@@ -181,6 +181,7 @@ def generate(args) -> int:
     outputs = output_paths(args)
     for output in outputs.values():
         cli.check_output_path(output, [args.input_file, *batchfile.existing_parts(Path(args.input_file))])
+    model_files.check_model_name(args.model_name_or_path)  # a typo in a path: one line at once
     options = prompts.options_from_args(args)
     # Read and check the whole input before loading a model: a bad line fails in seconds.
     ids, total = inputs.check_requests(args.input_file, options, args.input_format, args.split,
@@ -189,7 +190,10 @@ def generate(args) -> int:
     if num_shards > 1:
         log.info("shard %d of %d: %d of %d requests -> %s", shard_index, num_shards, len(ids), total,
                  ", ".join(map(str, outputs.values())))
-    engine = make_engine(engine_name, why, args, adapters)
+    # Tokenizers, adapters and file hashes, without the weights: the lock, the check of the
+    # records already there and "nothing to do" are decided before the model loads.
+    files = model_files.prepare(args.model_name_or_path, adapters, trust_remote_code=args.trust_remote_code)
+    before = generation.BeforeLoading(files, engine_identity(engine_name, args, files), list(outputs))
 
     def requests():
         return inputs.iter_shard(args.input_file, options, args.input_format, args.split, shard_index, num_shards,
@@ -197,10 +201,15 @@ def generate(args) -> int:
 
     cli.set_interrupt_hint(lambda: ", ".join(f"{records.count_records(path)} of {len(ids)} requests done in {path}"
                                              for path in outputs.values()) + "; rerun the same command to resume")
-    stats = generation.run_generation(engine, requests, outputs, overrides, args.batch_size, ids=ids,
+    stats = generation.run_generation(before, requests, outputs, overrides, args.batch_size, ids=ids,
                                       use_chat_template=args.use_chat_template,
                                       max_batch_tokens=args.max_batch_tokens,
-                                      regenerate_mismatched=args.regenerate_mismatched)
+                                      regenerate_mismatched=args.regenerate_mismatched,
+                                      load_engine=lambda: make_engine(engine_name, why, args, adapters, files))
+    if stats.skipped == stats.total:
+        print(f"nothing to do: all {len(ids)} requests are already in {', '.join(map(str, outputs.values()))}, "
+              "made as this run would make them")
+        return 0
     rate = stats.completion_tokens / stats.seconds if stats.seconds > 0 else 0.0
     for target in stats.targets:
         failures = ""
@@ -209,7 +218,7 @@ def generate(args) -> int:
             failures = f" ({sum(target.failed.values())} of them failed: {detail}; their records hold an \"error\")"
         made = target.generated + sum(target.failed.values())
         print(f"wrote {target.output}: {made} generated{failures}, {target.skipped} already there, "
-              f"{made + target.skipped} of {len(ids)} done")
+              f"{made + target.skipped} of {len(ids)} done (run {target.run})")
     print(f"{stats.completion_tokens:,} tokens in {stats.seconds:.1f} s ({rate:,.0f} tok/s)")
     return 0
 
@@ -234,7 +243,21 @@ def choose_engine(args) -> tuple[str, str]:
     return ("vllm" if usable else "hf"), f"--engine auto: {reason}"
 
 
-def make_engine(name: str, why: str, args, adapters: dict[str, str]):
+def engine_identity(name: str, args, files) -> dict:
+    """The engine's part of the records' provenance, known before anything loads."""
+    import torch
+
+    dtype = model_files.resolve_dtype(args.dtype, torch.cuda.is_available())
+    if name == "vllm":
+        from datagen import engine_vllm
+
+        engine_vllm.check_files(files)
+        return engine_vllm.engine_identity(dtype)
+    hf_model.resized_rows(files, args.with_base)  # an adapter with resized embeddings runs alone
+    return hf_model.engine_identity(dtype, hf_model.will_merge(files.adapters, args.merge_lora, args.with_base))
+
+
+def make_engine(name: str, why: str, args, adapters: dict[str, str], files=None):
     started = time.monotonic()
     if name == "vllm":
         from datagen import engine_vllm
@@ -242,11 +265,11 @@ def make_engine(name: str, why: str, args, adapters: dict[str, str]):
         built = engine_vllm.VLLMEngine(args.model_name_or_path, adapters, dtype=args.dtype,
                                        max_model_len=args.max_model_len, tensor_parallel_size=args.tensor_parallel_size,
                                        gpu_memory_utilization=args.gpu_memory_utilization, with_base=args.with_base,
-                                       trust_remote_code=args.trust_remote_code)
+                                       trust_remote_code=args.trust_remote_code, files=files)
     else:
         loaded = hf_model.load_model(args.model_name_or_path, adapters, dtype=args.dtype, device_map=args.device_map,
                                      merge=args.merge_lora, trust_remote_code=args.trust_remote_code,
-                                     with_base=args.with_base)
+                                     with_base=args.with_base, files=files)
         built = engine_hf.HFEngine(loaded, fast_greedy=not args.use_generate, compile=args.compile)
     log.info("engine %s (%s) ready in %.1f s", name, why, time.monotonic() - started)
     return built

@@ -9,40 +9,50 @@
         --keep_fields topic,prompt --output_file finetuned.parquet
     python reformat_results.py --compare results.jsonl generations.jsonl --batch_input batchinput.jsonl \\
         --output_file table.csv
+    python reformat_results.py --compare answers=res1/results.jsonl judge=res2/results.jsonl \\
+        'lora=gen/generations.a.shard-*.jsonl' --batch_input batchinput.jsonl --output_file table.csv
 
 Reads OpenAI Batch API results (the output file and its .errors.jsonl, which is picked
 up by itself when it lies beside the output; vLLM run-batch files too) or fine-tuned
 generations (one file, or all shards of a SLURM array). --input_file takes several
 files and globs. Writes one line per request, with the same columns and types for every
-route, endpoint and n: id, generated_text, source, model, adapter, finish_reason,
+route, endpoint and n: id, generated_text, source, run, model, adapter, finish_reason,
 refusal, prompt_tokens, completion_tokens, reasoning_tokens, samples, details (JSON
 text), then the --keep_fields; .csv, .tsv or .parquet output when the file name says so.
 
-Failed requests go to OUT.failed.jsonl with their reason (error, length, empty,
-missing) and never to the output. A request read twice (a resubmission) keeps its
-success, else the first one read. With --batch_input or --prompts_file the output
-follows their order, missing requests are listed, and --keep_fields copies their
-fields ('prompt': the input the model saw, system message included); with both, the
-prompts file (read with the prompt flags that made the batch input) gives its fields,
-joined by custom_id. Without them, lines are in natural order of custom_id.
+One output holds one run (one model or adapter on one input; datagen/result_runs.py):
+files of several runs (adapters' files and the base, two batches with the same ids, a
+file that mixes models) are refused, never merged; shards of one run and a download with
+its --retry_failed download are one run. Failed requests go to OUT.failed.jsonl with
+their reason (error, length, empty, missing) and never to the output. A request read
+twice (a resubmission) keeps its success, else the first one read. With --batch_input
+or --prompts_file the output follows their order, missing requests are listed, and
+--keep_fields copies their fields ('prompt': the input the model saw, system message
+included); with both, the prompts file gives its fields, joined by custom_id. The
+prompt flags (--prompt_field, --prompt_template, ...) are needed only to build 'prompt'
+from a prompts file. Without either, lines are in natural order of custom_id.
 Prints "N ok, M failed, K missing". Missing requests exit 1 (after writing both files)
 unless --allow_partial; --strict exits 1 on failed ones too.
 
---compare RUN ... joins runs of either route (raw or reformatted files; a generations
-file that stands for its shards or for its adapters' OUT.NAME.jsonl files) on the id:
-one row per request with the prompt, the kept fields, and per run a text column named
-after its adapter or model and a NAME.status column (ok, failed, missing); --long gives
-one row per request, run and sample. Every output is complete or absent; temporary
-data goes to $TMPDIR.
+--compare [NAME=]PATH ... joins runs of either route (raw or reformatted files, globs; a
+generations file that stands for its shards or its adapters' OUT.NAME.jsonl files; a
+PATH of several runs gives one column per run) on the id: one row per request with the
+prompt, the kept fields, and per run a text column and a NAME.status column (ok,
+failed, missing). A run's name comes from its records (the adapter's NAME, base, the
+OpenAI model as requested) or from NAME=; two runs of one name are an error (name them).
+Ids the requests do not have are left out and counted per run. --long gives one row
+per request, run and sample. Every output is complete or absent; temporary data goes
+to $TMPDIR.
 """
 
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 from pathlib import Path
 
-from datagen import cli, prompts, results
+from datagen import cli, prompts, provenance, results
 from datagen.errors import UserError
 
 log = logging.getLogger("datagen")
@@ -54,10 +64,11 @@ def build_parser():
     what = io.add_mutually_exclusive_group(required=True)
     cli.add_flag(what, "input_file", nargs="+", metavar="FILE",
                  help="raw results: files or globs (OpenAI output + .errors.jsonl, parts, shards)")
-    cli.add_flag(what, "compare", nargs="+", metavar="RUN",
+    cli.add_flag(what, "compare", nargs="+", metavar="[NAME=]PATH",
                  help="runs to put side by side, joined on the id: each a raw or reformatted output of "
                       "either route (a file, a quoted glob, or a generations file that stands for its "
-                      "shards or its adapters' files); writes one table to --output_file")
+                      "shards or its adapters' files; one column per run found), NAME= names its column "
+                      "(default: the run's name in its records); writes one table to --output_file")
     cli.add_flag(io, "output_file", default=None,
                  help="reformatted results (default reformatted.jsonl; with --compare compare.csv): "
                       ".jsonl, .csv, .tsv or .parquet")
@@ -109,14 +120,18 @@ def parse_keep_fields(text: str | None, has_requests: bool) -> list[str]:
     return names
 
 
-def original_requests(args) -> results.Requests | None:
+def original_requests(args, prompt_shown: bool) -> results.Requests | None:
     """The requests the results answer: the batch input (order, ids, exact prompt) and/or
-    the prompts file (its fields; order and ids when alone)."""
+    the prompts file (its fields; order and ids when alone). The prompt flags are read
+    only when the prompt is shown and only the prompts file can give it."""
     from_prompts = None
     if args.prompts_file:
-        options = prompts.options_from_args(args)
-        from_prompts = results.prompts_file_requests(
-            prompts.iter_prompts(args.prompts_file, options, args.input_format, args.split))
+        if prompt_shown and not args.batch_input:
+            options = prompts.options_from_args(args)
+            from_prompts = results.prompts_file_requests(
+                prompts.iter_prompts(args.prompts_file, options, args.input_format, args.split))
+        else:
+            from_prompts = results.prompts_file_rows(args.prompts_file, args.id_field, args.input_format, args.split)
     if args.batch_input:
         return results.Requests(results.batch_input_requests(args.batch_input), "--batch_input", from_prompts)
     if from_prompts is not None:
@@ -137,16 +152,18 @@ def reformat(args) -> int:
     results.output_format(output)
     failed = Path(args.failed_file) if args.failed_file else output.with_name(output.stem + ".failed.jsonl")
     inputs = results.expand_inputs(args.input_file)
-    requests = original_requests(args)
-    keep_fields = parse_keep_fields(args.keep_fields, requests is not None)
+    provenance.check_belongs(inputs, args.batch_input)  # downloaded results of another batch input: refused
+    keep_fields = parse_keep_fields(args.keep_fields, bool(args.batch_input or args.prompts_file))
+    requests = original_requests(args, results.PROMPT_FIELD in keep_fields)
     sources = [*inputs, *request_sources(args)]
     cli.check_output_path(output, sources)
     cli.check_output_path(failed, sources, flag="--failed_file")
     if cli.same_file(output, failed):
         raise UserError(f"--failed_file {failed} is the same file as --output_file; choose another name")
     options = results.ResultOptions(args.treat_length_as_failure, args.treat_empty_as_failure)
+    compare_hint = "--compare " + " ".join(shlex.quote(p) for p in args.input_file)
     summary = results.reformat(inputs, output, failed, source_type=args.source_type, options=options,
-                               requests=requests, keep_fields=keep_fields)
+                               requests=requests, keep_fields=keep_fields, compare_hint=compare_hint)
     report(args, summary, output, failed, requests is not None)
     if args.strict and (summary.failed or summary.missing):
         raise UserError(f"{summary.failed} failed and {summary.missing} missing requests (--strict); "
@@ -166,15 +183,20 @@ def compare_runs(args) -> int:
     output = Path(args.output_file or "compare.csv")
     results.output_format(output)
     runs = compare.expand_runs(args.compare)
-    requests = original_requests(args)
-    keep_fields = parse_keep_fields(args.keep_fields, requests is not None)
+    provenance.check_belongs([path for run in runs for path in run.paths], args.batch_input)
+    keep_fields = parse_keep_fields(args.keep_fields, bool(args.batch_input or args.prompts_file))
+    requests = original_requests(args, True)  # the table shows the prompt
     sources = [path for run in runs for path in run.paths] + request_sources(args)
     cli.check_output_path(output, sources)
     options = results.ResultOptions(args.treat_length_as_failure, args.treat_empty_as_failure)
     table = compare.compare(runs, output, requests=requests, keep_fields=keep_fields, long=args.long,
                             options=options)
+    runs = table.runs  # each argument's runs, one per run identity
+    given = args.batch_input and "--batch_input" or "--prompts_file"
     for run in runs:
-        print(f"{run.name}: {run.ok} ok, {run.failed} failed, {run.missing} missing "
+        stray = (f", {run.stray} not in {given} and left out ({', '.join(run.stray_ids)}"
+                 f"{', ...' if run.stray > len(run.stray_ids) else ''})" if run.stray else "")
+        print(f"{run.name}: {run.ok} ok, {run.failed} failed, {run.missing} missing{stray} "
               f"({', '.join(str(p) for p in run.paths)})")
     print(f"wrote {output} ({table.rows} rows, {table.requests} requests, {len(runs)} runs)")
     missing = sum(run.missing for run in runs)

@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from datagen.batchfile import CHAT, estimate_tokens, part_path  # noqa: E402
+from datagen.cli import number as finite_number  # noqa: E402
 from datagen.local_batch_server import LocalBatchServer  # noqa: E402
 
 WORDS = ("alpha beta gamma delta model token batch queue limit answer question river mountain "
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
     parser.add_argument("--requests", type=int, default=1_000_000)
     parser.add_argument("--parts", type=int, default=20)
     parser.add_argument("--admit", type=int, default=3, help="parts the token limit admits at a time")
-    parser.add_argument("--poll_interval", type=float, default=0.1, help="the client's --poll_interval")
+    parser.add_argument("--poll_interval", type=finite_number(0), default=0.1, help="the client's --poll_interval")
     parser.add_argument("--work_dir", default=str(ROOT / "bench" / "out" / "batch_queue"))
     parser.add_argument("--keep", action="store_true", help="keep the files")
     args = parser.parse_args(argv)

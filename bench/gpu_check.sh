@@ -58,7 +58,7 @@ started = time.monotonic()
 import torch
 import transformers
 
-from datagen import engine_hf, hf_model, tinymodel
+from datagen import engine_hf, hf_model, model_files, tinymodel
 from datagen.engine import GenParams
 from datagen.hf_model import LoadedModel
 
@@ -81,7 +81,8 @@ with device:
 model.eval()
 model.generation_config.pad_token_id = None
 hf_model.setup_padding(tokenizer, model)
-loaded = LoadedModel(model, tokenizer, "random-llama", "bfloat16", False, device)
+files = model_files.ModelFiles("random-llama", config, tokenizer, "", "", {})  # no files: built in memory
+loaded = LoadedModel(model, files, "bfloat16", False, device)
 fast = engine_hf.HFEngine(loaded)  # the engine's own greedy loop
 plain = engine_hf.HFEngine(loaded, fast_greedy=False)  # model.generate
 assert fast.fast_greedy is not None, "the engine's greedy loop does not take this model"

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -37,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from datagen import batchfile, cli
+from datagen import batchfile, cli, provenance
 from datagen.errors import UserError
 from datagen.jsonl import atomic_writer
 from datagen.openai_client import (Session, check_state_path, read_ids_file, request_counts, save_batch_ids,
@@ -150,6 +151,9 @@ def check_cost(parts: list[Part], max_cost: float | None, input_price: float | N
         raise UserError("--max_cost: some requests set no output cap, so their cost has no bound; make the batch "
                         "input with create_batchinput.py --max_tokens N")
     cost = estimated_cost(parts, input_price, output_price)
+    if not (math.isfinite(cost) and math.isfinite(max_cost)):  # nan > cap is False: never let it through
+        raise UserError(f"--max_cost: the cost estimate is {cost} against a cap of {max_cost}; give finite prices "
+                        "and cap")
     if cost > max_cost:
         inputs, outputs = sum(p.input_tokens for p in parts), sum(p.output_tokens for p in parts)
         raise UserError(f"the whole input is estimated at up to {batchfile.usd(cost)} ({inputs:,} input + at most "
@@ -251,6 +255,7 @@ class Queue:
             part.batches.append(batch.id)
             part.state, part.alone, part.counts = "running", alone, {}
             self.save()
+        provenance.record_batch(session.ids_file, batch.id, path.name, part.sha256, part.model, self.manifest.retry_of)
         again = f", again after {len(part.refused)} refusal(s)" if part.refused else ""
         print(f"submitted {batch.id} for {path} ({part.requests:,} requests, {part.url}, {part.model}, about "
               f"{part.tokens:,} tokens{again})", flush=True)

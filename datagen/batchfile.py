@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from datagen import params as api_params
-from datagen.cli import add_flag
+from datagen.cli import add_flag, number
 from datagen.errors import UserError
 from datagen.jsonl import dumps_bytes, iter_jsonl, temp_path_beside
 from datagen.prompts import Prompt
@@ -79,9 +79,11 @@ class GenParams:
 
 def _text_chars(value: Any) -> int:
     """Characters of text in a prompt, input, instructions or messages value (message
-    contents and content parts included, plus a per-message overhead)."""
+    contents and content parts included, plus a per-message overhead). A non-ASCII
+    character counts as a whole token (CJK, Cyrillic, emoji: about one token each or
+    more), so the estimate does not fall to a quarter of the bill on such text."""
     if isinstance(value, str):
-        return len(value)
+        return len(value) + (CHARS_PER_TOKEN - 1) * (len(value) - len(value.encode("ascii", "ignore")))
     if isinstance(value, list):
         total = 0
         for item in value:
@@ -94,10 +96,14 @@ def _text_chars(value: Any) -> int:
     return 0
 
 
+SCHEMA_FIELDS = ("response_format", "text", "tools")  # sent to the model as input tokens too
+
+
 def input_tokens(body: dict) -> int:
-    """Estimated input tokens of one request body: its text characters / 4, rounded up
-    (at least 1)."""
+    """Estimated input tokens of one request body: its text characters / 4 (a non-ASCII
+    character one token), plus its schema and tools as JSON, rounded up (at least 1)."""
     chars = sum(_text_chars(body.get(key)) for key in ("messages", "input", "prompt", "instructions"))
+    chars += sum(len(json.dumps(body[key], ensure_ascii=False)) for key in SCHEMA_FIELDS if body.get(key))
     return max(1, -(-chars // CHARS_PER_TOKEN))
 
 
@@ -118,9 +124,9 @@ def estimate_tokens(url: str, body: dict) -> int:
 
 def add_price_args(group) -> None:
     """--input_price / --output_price (USD per 1M tokens), for cost estimates and reports."""
-    add_flag(group, "input_price", type=float, default=None, metavar="USD",
+    add_flag(group, "input_price", type=number(0), default=None, metavar="USD",
              help="price per 1M input tokens, for the cost estimate")
-    add_flag(group, "output_price", type=float, default=None, metavar="USD",
+    add_flag(group, "output_price", type=number(0), default=None, metavar="USD",
              help="price per 1M output tokens; the estimate assumes --max_tokens x n per request")
 
 
@@ -499,11 +505,41 @@ class BatchFileSummary:
         return self.input_tokens + self.output_tokens
 
 
+PROMPTS_SUFFIXES = (".csv", ".tsv", ".json", ".parquet")  # prompts files that create_batchinput.py reads
+
+
+def not_a_batch_input(path: Path) -> str | None:
+    """One line saying what ``path`` is when it is plainly not a batch input (a prompts
+    file or dataset folder, or an OpenAI results file), and which command takes it; None
+    when it may be one (the full check decides)."""
+    make = (f"{path} is a prompts file, not a batch input (OpenAI request lines); make one with: python "
+            f"create_batchinput.py --input_file {path} --model_name MODEL --output_file batchinput.jsonl")
+    if path.is_dir() or (path.is_file() and path.suffix.lower() in PROMPTS_SUFFIXES):
+        return make
+    if not path.is_file() or path.suffix != ".jsonl":
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            first = next((line for line in handle if line.strip()), "")
+        line = json.loads(first) if first else None
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None  # the full check reports it with file:line
+    if not isinstance(line, dict) or {"body", "url", "method"} & set(line):
+        return None
+    if "custom_id" in line and ("response" in line or "error" in line):
+        return (f"{path} is an OpenAI results file (Batch API output lines), not a batch input; reformat it with: "
+                f"python reformat_results.py --input_file {path} --batch_input BATCHINPUT.jsonl")
+    return make
+
+
 def check_batch_file(path: str | os.PathLike, max_requests: int = MAX_REQUESTS,
                      max_bytes: int = MAX_BYTES) -> BatchFileSummary:
     """Validate a whole batch input file as the Batch API would, before any upload:
     every line's shape and body (``datagen.params.check_body``, with file:line)."""
     path = Path(path)
+    wrong_kind = not_a_batch_input(path)
+    if wrong_kind:
+        raise UserError(wrong_kind)
     if not path.is_file():
         raise UserError(f"{path}: no such file; create it with create_batchinput.py or check --file")
     if path.suffix != ".jsonl":

@@ -4,7 +4,8 @@ Every script does the same three things: parse, call the package, report. This m
 holds what they share so that each flag and each convention has one home:
 
 - ``run(parser, body, argv)``: parse ``argv``, set up logging, call ``body(args)``;
-  a ``UserError`` (or a stray ``OSError``) becomes one line on stderr and exit code 1;
+  a ``UserError`` (or a stray ``OSError``, or a dependency not installed: ``setup_hint``)
+  becomes one line on stderr and exit code 1;
   SIGTERM raises ``Terminated`` and exits 143, Ctrl+C (SIGINT) exits 130, each with one
   line saying what was kept (``set_interrupt_hint``).
 - ``held_signals()``: a short block (create a file and record it; rename parts into
@@ -13,6 +14,8 @@ holds what they share so that each flag and each convention has one home:
   as one line that names the path and says how to fix it.
 - ``add_flag(group, "input_file", ...)``: defines ``--input_file`` and its kebab-case
   alias ``--input-file`` together.
+- ``number(minimum, maximum)``: the argparse ``type=`` of every float flag; nan and
+  inf are refused (exit 2, naming the flag), so no guard compares against them.
 - ``progress(...)``: a tqdm bar that redraws in place on a terminal and prints one
   plain line per update (every 30 s by default) when stderr is a file, as in a SLURM log.
 """
@@ -23,6 +26,7 @@ import argparse
 import contextlib
 import errno
 import logging
+import math
 import os
 import shutil
 import signal
@@ -94,6 +98,34 @@ def add_flag(group, name: str, *more: str, dash_value: bool = False, **kwargs) -
     action = group.add_argument(*flags, **kwargs)
     action.dash_value = dash_value
     return action
+
+
+def number(minimum: float | None = None, maximum: float | None = None) -> Callable[[str], float]:
+    """An argparse ``type=`` for a float flag: a finite number within the bounds given.
+    ``nan`` compares false with everything, so a guard like ``cost > --max_cost`` would
+    silently pass; ``inf`` is no bound either. argparse names the flag in the message."""
+    if minimum is not None and maximum is not None:
+        wanted = f"give a number from {minimum:g} to {maximum:g}"
+    elif minimum is not None:
+        wanted = f"give a number of {minimum:g} or more"
+    elif maximum is not None:
+        wanted = f"give a number of {maximum:g} or less"
+    else:
+        wanted = "give a finite number"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number; {wanted}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number; {wanted}")
+        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"{text} is out of range; {wanted}")
+        return value
+
+    parse.__name__ = "number"  # argparse names the type in some messages
+    return parse
 
 
 def glue_dash_values(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
@@ -233,6 +265,41 @@ def _install_signal_handlers() -> dict:
     return previous
 
 
+# Third-party packages by the set-up that installs them (requirements*.txt, Makefile targets).
+VENV_HINT = "in the repository and use .venv/bin/python (or source .venv/bin/activate)"
+SETUP_COMMANDS = {
+    f"run make venv {VENV_HINT}, or pip install -e . into this environment": (
+        "torch", "transformers", "peft", "openai", "accelerate", "datasets", "numpy", "tqdm", "orjson",
+        "pyarrow", "safetensors", "tokenizers", "huggingface_hub", "httpx"),
+    f"run make vllm (the vLLM engine) {VENV_HINT}": ("vllm",),
+    f"run make dev (the test tools) {VENV_HINT}": ("pytest", "jsonschema"),
+}
+
+
+def missing_dependency(exc: ModuleNotFoundError) -> str | None:
+    """One line for a third-party package that is not installed, naming the set-up command
+    that installs it; None for any other missing module (that is a bug, with its traceback)."""
+    name = (exc.name or "").partition(".")[0]
+    setup = next((command for command, names in SETUP_COMMANDS.items() if name in names), None)
+    if setup is None:
+        return None
+    return f"the Python package {name!r} is not installed for {sys.executable}: {setup}"
+
+
+@contextlib.contextmanager
+def setup_hint(prog: str) -> Iterator[None]:
+    """For ``python -m`` entry points (also as a decorator of ``main``): a missing
+    third-party package inside is one line on stderr and exit code 1, not a traceback."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        message = missing_dependency(exc)
+        if message is None:
+            raise
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 def run(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int | None],
         argv: Sequence[str] | None = None) -> int:
     """Parse, run ``body``, and turn expected failures into one line and an exit code.
@@ -258,6 +325,12 @@ def run(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], in
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted by SIGINT (Ctrl+C); {_hint_text()}", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as exc:  # a dependency not installed: which set-up command installs it
+        message = missing_dependency(exc)
+        if message is None:
+            raise
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        return 1
     except OSError as exc:  # a fault no helper named (they raise UserError): still one line
         print(f"{parser.prog}: error: {describe_os_error(exc)}", file=sys.stderr)
         return 1

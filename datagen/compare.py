@@ -1,16 +1,27 @@
 """``reformat_results.py --compare``: runs of either route side by side, joined on the id.
 
-A **run** is one model's (or one adapter's) answers: a raw output of either route (an
-OpenAI output file with its ``.errors.jsonl``, a generations file or its shards) or a
-reformatted file (with its ``.failed.jsonl`` beside it), named as a file, a quoted glob
-(all its files are one run), or a generations file that does not exist but stands for
-its shards (``OUT.shard-KKK-of-NNN.jsonl``) or its adapters' files (``OUT.NAME.jsonl``,
-``OUT.base.jsonl``, each maybe sharded or reformatted to ``OUT.NAME.parquet``: one run
-per NAME).
+Each ``--compare`` argument is ``PATH`` or ``NAME=PATH``. ``PATH`` is a raw output of either
+route (an OpenAI output file with its ``.errors.jsonl``, a generations file or its shards)
+or a reformatted file (with its ``.failed.jsonl`` beside it), named as a file, a quoted
+glob, or a generations file that does not exist but stands for its shards
+(``OUT.shard-KKK-of-NNN.jsonl``) or its adapters' files (``OUT.NAME.jsonl``,
+``OUT.base.jsonl``, each maybe sharded or reformatted to ``OUT.NAME.parquet``).
+
+**Runs and their names.** The files of an argument are split into runs by the records'
+run identity (``datagen.result_runs``): a glob or stem over several adapters' files is one
+column per adapter. A run's column is its **run name, read from the records**, the same
+however the run is given (stem, raw files, glob, reformatted files): the record's ``run``
+(``--adapter_path NAME=PATH``'s NAME, ``base``; older records: the adapter folder's name,
+else ``base``), the OpenAI model as requested. ``NAME=PATH`` sets it; a ``NAME=PATH``
+holding several runs is an error. Two runs of one name (the same model from two folders)
+are an error that says how to name them (``--compare answers=res1/results.jsonl
+judge=res2/results.jsonl``): names are never made unique by guessing.
 
 The table has one row per request (``--long``: per request, run and sample), in the
-order of ``--batch_input`` / ``--prompts_file`` when given (then ids only some runs have,
-in natural order), else in natural order of the ids:
+order of ``--batch_input`` / ``--prompts_file`` when given, else in natural order of the
+ids of all runs. With requests, ids a run holds that the requests do not have
+(**strays**) are left out of the table and counted per run in the summary, with the
+first few named; they never make another run count as missing anything.
 
 - wide: ``id``, ``prompt`` and the kept fields, then per run ``NAME`` (the first
   sample's text, null unless ok) and ``NAME.status`` (``ok``, ``failed`` or ``missing``);
@@ -18,9 +29,8 @@ in natural order), else in natural order of the ids:
   ``status``, ``sample`` (0-based; null unless ok), ``generated_text``,
   ``finish_reason``, ``error`` (the reason of a failed one).
 
-Run names are the adapter's name (from the file name, else its folder), else the model,
-made unique with the file's stem. Every run's results go to one temporary SQLite
-``ResultStore`` on disk, so memory stays flat whatever the size.
+Every run's results go to one temporary SQLite ``ResultStore`` on disk, so memory stays
+flat whatever the size.
 """
 
 from __future__ import annotations
@@ -28,13 +38,16 @@ from __future__ import annotations
 import contextlib
 import glob
 import logging
-from dataclasses import dataclass
+import re
+import shlex
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from datagen import results
 from datagen.errors import UserError
 from datagen.jsonl import dumps_bytes, iter_jsonl_objects, loads
+from datagen.result_runs import FINETUNED, OPENAI, adapter_run_name
 
 log = logging.getLogger("datagen")
 
@@ -44,15 +57,29 @@ LONG_COLUMNS = ("run", "model", "adapter", "status", "sample", "generated_text",
 
 
 @dataclass
-class Run:
+class Spec:
+    """One --compare argument: ``NAME=PATH`` or ``PATH`` (a file, a glob, or a generations
+    file that stands for its shards or its adapters' files), and the files it names."""
+
+    text: str
+    name: str | None
     paths: list[Path]
-    label: str | None = None  # the adapter's name in the file name (OUT_STEM.NAME.jsonl)
-    name: str = ""  # the run's unique column name
+
+
+@dataclass
+class Run:
+    """One run of the table: a column, named by the records' run name or the user's NAME."""
+
+    name: str
+    paths: list[Path]
+    spec: Spec
     model: str | None = None
     adapter: str | None = None
     ok: int = 0
     failed: int = 0
     missing: int = 0
+    stray: int = 0  # ids the requests do not have (left out of the table)
+    stray_ids: list[str] = field(default_factory=list)  # the first few of them
     no_id: int = 0  # failures without a custom_id: nothing to join them to
 
     def where(self) -> str:
@@ -63,6 +90,7 @@ class Run:
 class Table:
     rows: int = 0
     requests: int = 0
+    runs: list[Run] = field(default_factory=list)
 
 
 # --- runs from the command line ------------------------------------------------------------
@@ -79,44 +107,54 @@ def _with_failed_files(paths: list[Path]) -> list[Path]:
     return list(dict.fromkeys(out))
 
 
-def _adapter_groups(path: Path) -> dict[str | None, list[Path]]:
-    """The files a missing ``OUT.jsonl`` stands for, by adapter name (None: its own shards)."""
-    groups: dict[str | None, list[Path]] = {}
-    prefix = path.stem + "."
+def _adapter_files(path: Path) -> list[Path]:
+    """The files a missing ``OUT.jsonl`` stands for: its adapters' ``OUT.NAME.jsonl`` (or
+    reformatted ``OUT.NAME.parquet``), each maybe sharded; not its side files."""
+    found = []
     for match in sorted(path.parent.glob(f"{glob.escape(path.stem)}.*")):
-        if match.suffix not in (path.suffix, ".parquet"):
+        if match.suffix not in (path.suffix, ".parquet") or match.stem.endswith((".failed", ".errors")):
             continue
-        name = results._SHARD.sub("", "." + match.stem[len(prefix):])[1:]  # NAME.shard-K-of-N: NAME
-        if name.endswith(("failed", "errors")):
-            continue  # OUT.failed.jsonl, OUT.NAME.failed.jsonl, OUT.jsonl.errors.jsonl: side files
-        groups.setdefault(name or None, []).append(match)
-    return groups
+        if match.name.endswith(".errors.jsonl"):
+            continue
+        found.append(match)
+    return found
 
 
-def expand_runs(patterns: Iterable[str]) -> list[Run]:
-    """Each ``--compare`` argument into its runs (see the module docstring)."""
-    runs: list[Run] = []
-    for pattern in patterns:
+_NAME = re.compile(r"^[^=/\\*?\[\]]+$")
+
+
+def _split_name(text: str) -> tuple[str | None, str]:
+    """``NAME=PATH`` -> (NAME, PATH); a path that holds '=' itself stays a path."""
+    name, sep, rest = text.partition("=")
+    if sep and rest and _NAME.match(name) and not Path(text).exists():
+        return name, rest
+    return None, text
+
+
+def expand_runs(patterns: Iterable[str]) -> list[Spec]:
+    """Each ``--compare`` argument into its files (see the module docstring)."""
+    specs: list[Spec] = []
+    for text in patterns:
+        name, pattern = _split_name(text)
         path = Path(pattern)
-        groups = {} if path.exists() or glob.has_magic(pattern) else _adapter_groups(path)
-        if len(groups) > 1 or (groups and None not in groups):
-            for name, files in groups.items():
-                runs.append(Run(_with_failed_files(results.expand_inputs([str(f) for f in files], "--compare")), label=name))
-            log.info("%s does not exist: comparing its %d runs %s", path, len(groups),
-                     ", ".join(str(name or "(no adapter)") for name in groups))
+        files = [] if path.exists() or glob.has_magic(pattern) else _adapter_files(path)
+        if files:  # its shards, or its adapters' files (each maybe sharded)
+            log.info("%s does not exist: reading its %d files %s", path, len(files), ", ".join(f.name for f in files))
+            paths = results.expand_inputs([str(f) for f in files], "--compare")
         else:
-            runs.append(Run(_with_failed_files(results.expand_inputs([pattern], "--compare"))))
-    seen: dict[Path, Run] = {}
-    for run in runs:
-        for file in run.paths:
+            paths = results.expand_inputs([pattern], "--compare")
+        specs.append(Spec(text, name, _with_failed_files(paths)))
+    seen: dict[Path, Spec] = {}
+    for spec in specs:
+        for file in spec.paths:
             if file.suffix.lower() in (".csv", ".tsv"):
                 raise UserError(f"--compare {file}: a CSV table has lost the types and the samples; give "
                                 "the run's JSONL or Parquet output, or its raw results")
-            other = seen.setdefault(file.resolve(), run)
-            if other is not run:
-                raise UserError(f"--compare: {file} is in two runs ({other.where()} and {run.where()}); "
+            other = seen.setdefault(file.resolve(), spec)
+            if other is not spec:
+                raise UserError(f"--compare: {file} is in two runs ({other.text} and {spec.text}); "
                                 "name each run once")
-    return runs
+    return specs
 
 
 # --- reading a run ----------------------------------------------------------------------------
@@ -157,60 +195,100 @@ def _cell(rank: int, record: dict, kept: dict | None = None) -> bytes:
     return dumps_bytes(data)
 
 
+def _reformatted_key(obj: dict) -> tuple:
+    """The run identity of a reformatted record (``results.run_key`` on its columns)."""
+    source = obj.get("source") or (FINETUNED if obj.get("adapter") else OPENAI)
+    if source != FINETUNED:
+        return results.run_key(OPENAI, obj)
+    details = obj.get("details")
+    if isinstance(details, str):
+        with contextlib.suppress(ValueError):
+            details = loads(details)
+    fingerprint = details.get("fingerprint") if isinstance(details, dict) else None
+    named = obj if obj.get("run") else {**obj, "run": adapter_run_name(obj.get("adapter"))}
+    return results.run_key(FINETUNED, named, fingerprint=fingerprint or {})
+
+
 class RunReader:
-    """One run's lines into ``(custom_id, rank, cell_json)``; notes its model and adapter
-    and, from reformatted files, the kept fields (columns beyond results.COLUMNS) and
-    their types in ``kept``."""
+    """The lines of one --compare argument into ``(node, custom_id, rank, cell_json)``:
+    ``node`` is the run identity of the line in ``sorter`` (plus ``offset``). Notes each
+    node's model and adapter and, from reformatted files, the kept fields (columns beyond
+    results.COLUMNS) and their types in ``kept``."""
 
-    def __init__(self, run: Run, options: results.ResultOptions, kept: dict[str, set[str]]):
-        self.run, self.options, self.kept = run, options, kept
+    def __init__(self, spec: Spec, options: results.ResultOptions, kept: dict[str, set[str]],
+                 sorter: results.RunSorter, offset: int):
+        self.spec, self.options, self.kept = spec, options, kept
+        self.sorter, self.offset = sorter, offset
         self.kinds = results.KindCheck("auto")
+        self.origins = results.Origins()
+        self.models: dict[int, tuple] = {}  # node -> (model, adapter)
+        self.no_id: dict[int, int] = {}  # node -> failed lines without an id
 
-    def _note(self, record: dict) -> None:
-        if self.run.model is None and record.get("model"):
-            self.run.model = record["model"]
-        if self.run.adapter is None and record.get("adapter"):
-            self.run.adapter = record["adapter"]
-
-    def cells(self) -> Iterator[tuple[str, int, bytes]]:
-        for path in self.run.paths:
+    def cells(self) -> Iterator[tuple[int, str, int, bytes]]:
+        for number, path in enumerate(self.spec.paths):
+            requested, roots = self.origins.of(path)
             for where, obj in _iter_lines(path):
-                custom_id, rank, record, extras = self._parse(obj, where)
+                custom_id, rank, record, extras, key = self._parse(obj, where, requested, roots)
+                node = self.sorter.note(number, key)
                 if custom_id == "":
-                    self.run.no_id += 1
+                    self.no_id[node] = self.no_id.get(node, 0) + 1
                     continue
-                self._note(record)
-                yield custom_id, rank, _cell(rank, record, extras)
+                if node not in self.models and (record.get("model") or record.get("adapter")):
+                    self.models[node] = (record.get("model") or None, record.get("adapter") or None)
+                yield self.offset + node, custom_id, rank, _cell(rank, record, extras)
 
-    def _parse(self, obj: dict, where: str) -> tuple[str, int, dict, dict | None]:
+    def _parse(self, obj: dict, where: str, requested: str | None,
+               roots: frozenset | None) -> tuple[str, int, dict, dict | None, tuple | None]:
         if "custom_id" in obj:  # a raw line of either route
-            fast = results.fast_chat_record(obj) if self.kinds.kind == results.OPENAI else None
-            if fast is not None:
-                return fast["id"], OK, fast, None
-            result = results.PARSERS[self.kinds.check(obj, where)](obj, where, self.options)
-            return result.custom_id, OK if result.ok else FAILED, result.record, None
+            kind = self.kinds.check(obj, where)
+            if kind == FINETUNED:
+                result = results.finetuned_result(obj, where, self.options)
+                return result.custom_id, OK if result.ok else FAILED, result.record, None, \
+                    results.run_key(FINETUNED, obj)
+            result = results.openai_result(obj, where, self.options, requested)
+            model = requested or result.record.get("model")
+            key = results.run_key(OPENAI, {"model": model}, roots=roots) if model else None
+            return result.custom_id, OK if result.ok else FAILED, result.record, None, key
         custom_id = obj.get("id")
         if not isinstance(custom_id, str):
             raise UserError(f"{where}: neither a raw result line (custom_id) nor a reformatted line (id); "
                             "give --compare the outputs of batch_utils.py, generate_data_finetuned.py "
                             "or reformat_results.py")
         if "reason" in obj and "generated_text" not in obj:  # a line of a .failed.jsonl file
-            return custom_id, MISSING if obj["reason"] == "missing" else FAILED, obj, None
+            return custom_id, MISSING if obj["reason"] == "missing" else FAILED, obj, None, None
         extras = {k: v for k, v in obj.items() if k not in results.COLUMNS and k not in results.OLD_COLUMNS}
         for name, value in extras.items():
             self.kept.setdefault(name, set()).add(type(value).__name__)
-        return custom_id, OK, obj, extras
+        return custom_id, OK, obj, extras, _reformatted_key(obj)
 
 
-def name_runs(runs: list[Run], taken: Iterable[str]) -> None:
-    """Unique column names: the adapter's name, else the model, else the file's stem."""
-    used = set(taken)
+def check_names(runs: list[Run], taken: Iterable[str], long: bool) -> None:
+    """Column names are run names: two runs of one name (or a name that is another
+    column) are an error that says how to name them (``--compare NAME=PATH``)."""
+    by_name: dict[str, list[Run]] = {}
     for run in runs:
-        stem = run.paths[0].stem
-        name = run.label or (Path(run.adapter.rstrip("/")).name if run.adapter else None) or run.model or stem
-        candidates = [name, f"{name} ({stem})"] + [f"{name} ({stem}) {k}" for k in range(2, len(runs) + 2)]
-        run.name = next(c for c in candidates if c not in used and f"{c}.status" not in used)
-        used.update((run.name, f"{run.name}.status"))
+        by_name.setdefault(run.name, []).append(run)
+    for name, same in by_name.items():
+        if len(same) > 1:
+            hint = " ".join(f"{chr(ord('A') + k) if k < 26 else f'R{k}'}={_given(run)}" for k, run in enumerate(same))
+            raise UserError(f"--compare: {len(same)} runs are named {name!r} ({'; '.join(r.where() for r in same)}); "
+                            f"give each its own name: --compare {hint} (NAME=PATH)")
+    if long:
+        return
+    columns = set(taken)
+    for run in runs:
+        for column in (run.name, f"{run.name}.status"):
+            if column in columns:
+                raise UserError(f"--compare: run {run.name!r} ({run.where()}) would make a second column "
+                                f"{column!r}; name it: --compare NAME={_given(run)}")
+            columns.add(column)
+
+
+def _given(run: Run) -> str:
+    """How to give this run alone on the command line: its argument, or its files."""
+    if run.spec.name is None and len(run.paths) == len(run.spec.paths):
+        return shlex.quote(run.spec.text)
+    return " ".join(shlex.quote(str(p)) for p in run.paths if not p.name.endswith((".errors.jsonl", ".failed.jsonl")))
 
 
 # --- the table ---------------------------------------------------------------------------------
@@ -230,13 +308,42 @@ class CompareStore(results.ResultStore):
             self.close()
             raise
 
-    def add_cells(self, run: int, rows: Iterable[tuple[str, int, bytes]]) -> int:
-        spooled = ((run, *row) for row in self._spooled((cid, rank, cell) for cid, rank, cell in rows))
+    def add_cells(self, rows: Iterable[tuple[int, str, int, bytes]]) -> int:
+        """``(node, custom_id, rank, cell_json)`` rows; ``node`` becomes a run in ``set_runs``."""
+        nodes: list[int] = []
+
+        def split() -> Iterator[tuple[str, int, bytes]]:
+            for node, custom_id, rank, cell in rows:
+                nodes.append(node)
+                yield custom_id, rank, cell
+
+        spooled = ((nodes.pop(), *row) for row in self._spooled(split()))
         return self._insert("INSERT INTO cells VALUES (?, ?, ?, ?, ?)", spooled)
+
+    def set_runs(self, run_of: list[int]) -> None:
+        """Every cell's node (a run identity) into the number of its run."""
+        with self._faults():
+            self.db.execute("CREATE TABLE runmap (node INTEGER PRIMARY KEY, run INTEGER NOT NULL)")
+            self.db.executemany("INSERT INTO runmap VALUES (?, ?)", enumerate(run_of))
+            self.db.execute("UPDATE cells SET run = (SELECT m.run FROM runmap m WHERE m.node = cells.run)")
+
+    def strays(self, limit: int = 3) -> dict[int, tuple[int, list[str]]]:
+        """Per run: how many of its ids the requests do not have, and the first few."""
+        self._index()
+        found: dict[int, tuple[int, list[str]]] = {}
+        with self._faults():
+            rows = self.db.execute(
+                "SELECT run, custom_id FROM cells c WHERE NOT EXISTS (SELECT 1 FROM inputs i WHERE "
+                "i.custom_id = c.custom_id) GROUP BY run, custom_id ORDER BY run, MIN(rowid)").fetchall()
+        for run, custom_id in rows:
+            count, ids = found.get(run, (0, []))
+            found[run] = (count + 1, ids + [custom_id] if len(ids) < limit else ids)
+        return found
 
     def table_rows(self) -> Iterator[tuple]:
         """``(key, custom_id, keep, meta, run, rank, offset, length)`` grouped by request
-        (key), each run's best cell first (ok, then failed, then missing; then first read)."""
+        (key), each run's best cell first (ok, then failed, then missing; then first read).
+        With requests, only their ids; without, every id of every run."""
         with self._faults():
             self.db.execute("CREATE INDEX cells_by_id ON cells (custom_id, run, rank DESC)")
         self._index()
@@ -245,10 +352,11 @@ class CompareStore(results.ResultStore):
         natural = "ORDER BY natural_key(c.custom_id), c.custom_id, c.run, c.rank DESC, c.rowid"
         with self._faults():
             self.spool.flush()
-            if self.has_inputs:
+            if self.has_inputs:  # ids the requests do not have stay out (counted as strays)
                 yield from self.db.execute(
                     f"SELECT i.pos, i.custom_id, i.keep, {lookups.format('i.custom_id')}, {cells} FROM inputs i "
                     "LEFT JOIN cells c ON c.custom_id = i.custom_id ORDER BY i.pos, c.run, c.rank DESC, c.rowid")
+                return
             yield from self.db.execute(
                 f"SELECT c.custom_id, c.custom_id, NULL, {lookups.format('c.custom_id')}, {cells} FROM cells c "
                 "WHERE NOT EXISTS (SELECT 1 FROM inputs i WHERE i.custom_id = c.custom_id) " + natural)
@@ -270,11 +378,47 @@ def _groups(rows: Iterable[tuple]) -> Iterator[tuple[str, bytes | None, bytes | 
         yield current
 
 
-def compare(runs: list[Run], output: Path, *, requests: results.Requests | None = None,
+def _read_runs(store: CompareStore, specs: list[Spec], options: results.ResultOptions,
+               kept_types: dict[str, set[str]]) -> list[Run]:
+    """Read every argument's files into the store; split each into its runs (one per run
+    identity, ``datagen.result_runs``) and number the cells by run."""
+    runs: list[Run] = []
+    run_of: list[int] = []
+    for spec in specs:
+        sorter = results.RunSorter(spec.paths)
+        reader = RunReader(spec, options, kept_types, sorter, len(run_of))
+        if store.add_cells(reader.cells()) == 0 and not reader.no_id:
+            raise UserError(f"--compare {spec.text}: no result lines; check the run's files")
+        found = sorter.runs()
+        sorter.check_unambiguous()
+        if spec.name is not None and len(found) > 1:
+            raise UserError(f"--compare {spec.text} holds {len(found)} runs: {results.describe_runs(found)}; "
+                            "a NAME names one run: give each run its own NAME=PATH, or drop the name to "
+                            "have a column per run")
+        first = len(runs)
+        for one in found:
+            runs.append(Run(spec.name or one.name, one.files, spec))
+        for node, index in enumerate(sorter.run_of):
+            run = runs[first + index]
+            run_of.append(first + index)
+            run.no_id += reader.no_id.get(node, 0)
+            if run.model is None and node in reader.models:
+                run.model, run.adapter = reader.models[node]
+        if len(found) > 1:
+            log.info("--compare %s holds %d runs: %s", spec.text, len(found), ", ".join(r.name for r in found))
+    for run in runs:
+        if run.no_id:
+            log.warning("%s: %d failed line(s) without a custom_id cannot be joined and are left out",
+                        run.where(), run.no_id)
+    store.set_runs(run_of)
+    return runs
+
+
+def compare(specs: list[Spec], output: Path, *, requests: results.Requests | None = None,
             keep_fields: list[str] | tuple = (), long: bool = False,
             options: results.ResultOptions = results.ResultOptions(), tmp_dir: str | None = None) -> Table:
-    """Write the table of ``runs`` to ``output`` (complete or absent); count each run's
-    ok, failed and missing requests on the runs themselves."""
+    """Write the table of the runs in ``specs`` to ``output`` (complete or absent); count
+    each run's ok, failed, missing and stray requests on the runs themselves."""
     from datagen.cli import progress
 
     keep_fields = list(keep_fields)
@@ -283,16 +427,12 @@ def compare(runs: list[Run], output: Path, *, requests: results.Requests | None 
     table = Table()
     kept_types: dict[str, set[str]] = {}
     with CompareStore(tmp_dir) as store:
-        for number, run in enumerate(runs):
-            reader = RunReader(run, options, kept_types)
-            if store.add_cells(number, reader.cells()) == 0 and not run.no_id:
-                raise UserError(f"--compare {run.where()}: no result lines; check the run's files")
-            if run.no_id:
-                log.warning("%s: %d failed line(s) without a custom_id cannot be joined and are left out",
-                            run.where(), run.no_id)
+        runs = table.runs = _read_runs(store, specs, options, kept_types)
         keep_types: dict[str, set[str]] = {name: set() for name in keep_fields}
         if requests is not None:
             results.load_requests(store, requests, keep_fields, keep_types, results.Summary())
+            for number, (count, ids) in store.strays().items():
+                runs[number].stray, runs[number].stray_ids = count, ids
         else:  # the fields the reformatted files kept
             keep_fields = list(kept_types)
             keep_types = kept_types
@@ -300,7 +440,7 @@ def compare(runs: list[Run], output: Path, *, requests: results.Requests | None 
         if clash:
             raise UserError(f"kept field {clash[0]!r} has the name of a --long column; keep other fields "
                             "or drop --long")
-        name_runs(runs, [] if long else ["id", *keep_fields])  # long: names are values, not columns
+        check_names(runs, ["id", *keep_fields], long)
         columns = ["id", *keep_fields] + (list(LONG_COLUMNS) if long else
                                           [c for run in runs for c in (run.name, f"{run.name}.status")])
         import pyarrow as pa

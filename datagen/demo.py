@@ -13,8 +13,10 @@
 4. puts both routes side by side with ``reformat_results.py --compare`` (one row per
    request, a text and a status column per run) and prints that table.
 
-Every step runs the real script as a subprocess and prints the command, so each line
-can be copied. Outputs go to demo/ (created; earlier demo outputs are replaced).
+Every step runs the real script as a subprocess and prints the command with the
+interpreter that runs it (``.venv/bin/python ...``), so each line runs as printed from the
+repository root. Outputs go to demo/ (created; earlier demo outputs are replaced). It
+runs from a clone of the repository (it uses examples/ and the scripts there).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from datagen.cli import setup_hint
+
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = "examples/prompts.jsonl"
 
@@ -40,10 +44,16 @@ def step(title: str) -> None:
     print(f"\n=== {title}", flush=True)
 
 
+def python() -> str:
+    """This interpreter as a user types it from the repo root: ``.venv/bin/python`` for the
+    project's environment, else its full path (a bare ``python`` may lack the packages)."""
+    return str(rel(Path(sys.executable)))
+
+
 def sh(*args: str) -> None:
     """Run one of the suite's scripts from the repo root, echoing the command first."""
-    shown = " ".join(shlex.quote(str(a)) for a in args)
-    print(f"$ python {shown}", flush=True)
+    shown = " ".join(shlex.quote(str(a)) for a in (python(), *args))
+    print(f"$ {shown}", flush=True)
     started = time.time()
     result = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT,
                             env={**os.environ, "DATAGEN_PROGRESS_INTERVAL": "5"})
@@ -78,11 +88,17 @@ def show_table(path: Path, width: int = 30) -> None:
         print(" ".join(f"{cut(row[i], width):<{width}}" for i in shown).rstrip())
 
 
+@setup_hint("python -m datagen.demo")  # a missing torch/transformers: one line
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m datagen.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="demo", help="folder for every output (relative paths: to the repo root)")
     args = parser.parse_args(argv)
+    if not (ROOT / PROMPTS).is_file():  # installed with pip: the example and scripts stay in the clone
+        print(f"python -m datagen.demo: error: no {PROMPTS} beside the datagen package ({ROOT}); the demo runs "
+              "from a clone of the repository: make demo there", file=sys.stderr)
+        return 1
+    import openai, peft, torch, transformers  # noqa: F401,E401  what the steps need, checked before any output
 
     from datagen.local_batch_server import LocalBatchServer
     from datagen.tinymodel import build_tiny_adapter, build_tiny_model

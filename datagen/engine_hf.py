@@ -131,6 +131,7 @@ class HFEngine:
 
     def __init__(self, loaded: LoadedModel, fast_greedy: bool = True, compile: bool = False):
         self.loaded = loaded
+        self.files = loaded.files  # config, tokenizers (the base's and each adapter's), adapters
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
@@ -167,6 +168,13 @@ class HFEngine:
     def provenance(self, adapter: str | None):
         return self.loaded.provenance(adapter)
 
+    def tokenizer_for(self, adapter: str | None):
+        """The tokenizer of ``adapter``'s prompts and answers: its own, else the base's."""
+        return self.loaded.files.tokenizer_for(adapter)
+
+    def _eos_for(self, tokenizer) -> set[int]:
+        return self.eos_ids if tokenizer is self.tokenizer else _eos_ids(self.model, tokenizer)
+
     def warning_for(self, params: GenParams) -> str | None:
         """Said once per set of parameters: --compile does not reach sampling or stop strings."""
         if self.compile and (params.do_sample or params.stop):
@@ -183,7 +191,7 @@ class HFEngine:
         for adapter in dict.fromkeys(adapters):
             rows = [i for i, name in enumerate(adapters) if name == adapter]
             with self._using(adapter):
-                answers = self.generate_batch([prompts[i] for i in rows], params, seed)
+                answers = self.generate_batch([prompts[i] for i in rows], params, seed, adapter)
             for i, samples in zip(rows, answers):
                 results[i] = samples
         return results
@@ -206,14 +214,16 @@ class HFEngine:
     # -- one batch
 
     def generate_batch(self, batch_ids: list[list[int]], params: GenParams,
-                       batch_seed: int | None = None) -> list[list[Sample]]:
+                       batch_seed: int | None = None, adapter: str | None = None) -> list[list[Sample]]:
         """Generate for a batch of token-id lists; per prompt, ``n`` samples in order.
 
         Sampling seeds torch's generator with ``batch_seed`` (default: ``params.seed``).
+        ``adapter``'s tokenizer (its own, else the base's) decodes, and its EOS ends a row.
         """
         import torch
 
-        tokenizer = self.tokenizer
+        tokenizer = self.tokenizer_for(adapter)
+        eos_ids = self._eos_for(tokenizer)
         width = max(len(ids) for ids in batch_ids)
         with torch.inference_mode():  # inference tensors, as every later one (a compiled model sees one kind)
             input_ids = torch.full((len(batch_ids), width), self.pad_id, dtype=torch.long)
@@ -225,18 +235,18 @@ class HFEngine:
         sampled_n = n if params.do_sample else 1
         if self.fast_greedy is not None and not params.do_sample and not params.stop:
             try:
-                new_tokens = self._greedy(input_ids, attention, params.max_new_tokens)
+                new_tokens = self._greedy(input_ids, attention, params.max_new_tokens, eos_ids)
             except Exception as exc:
                 if not self.compile or is_oom(exc):
                     raise
                 # A compiler failure (no C++ compiler, an unsupported op, ...) costs speed, not the run.
                 log.warning("--compile: torch.compile failed (%s); decoding without it", first_line(exc))
                 self.compile = False
-                new_tokens = self._greedy(input_ids, attention, params.max_new_tokens)
-            return [[self._sample(tokens, params)] * n for tokens in new_tokens]
+                new_tokens = self._greedy(input_ids, attention, params.max_new_tokens, eos_ids)
+            return [[self._sample(tokens, params, tokenizer, eos_ids)] * n for tokens in new_tokens]
         kwargs = dict(max_new_tokens=params.max_new_tokens, do_sample=params.do_sample,
                       num_return_sequences=sampled_n, pad_token_id=self.pad_id,
-                      eos_token_id=sorted(self.eos_ids) or None)
+                      eos_token_id=sorted(eos_ids) or None)
         if params.do_sample:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
         else:
@@ -251,13 +261,14 @@ class HFEngine:
         new_tokens = output[:, width:].tolist()
         results: list[list[Sample]] = []
         for row in range(len(batch_ids)):
-            samples = [self._sample(new_tokens[row * sampled_n + j], params) for j in range(sampled_n)]
+            samples = [self._sample(new_tokens[row * sampled_n + j], params, tokenizer, eos_ids)
+                       for j in range(sampled_n)]
             if sampled_n < n:
                 samples = samples * n  # greedy decoding gives the same answer every time
             results.append(samples)
         return results
 
-    def _greedy(self, input_ids, attention, max_new_tokens: int) -> list[list[int]]:
+    def _greedy(self, input_ids, attention, max_new_tokens: int, eos_ids: set[int] | None = None) -> list[list[int]]:
         """Greedy decoding with the KV cache, without ``model.generate``'s per-step machinery.
 
         The same computation as ``generate(do_sample=False)`` for a model whose generation
@@ -282,7 +293,7 @@ class HFEngine:
             rows, width = input_ids.shape
             positions = attention.cumsum(-1) - 1
             positions.masked_fill_(attention == 0, 0)
-            eos_ids = self.eos_ids
+            eos_ids = self.eos_ids if eos_ids is None else eos_ids
             outputs: list[list[int]] = [[] for _ in range(rows)]
             alive = list(range(rows))  # batch row -> output row
             ended = [False] * rows  # per batch row (rows stay when the cache cannot drop them)
@@ -363,15 +374,17 @@ class HFEngine:
             self._compiled = torch.compile(self.model, dynamic=True)
         return self._compiled
 
-    def _sample(self, tokens: list[int], params: GenParams) -> Sample:
+    def _sample(self, tokens: list[int], params: GenParams, tokenizer=None, eos_ids=None) -> Sample:
         """Tokens of one row into text: cut at the first EOS, then at the first stop string."""
+        tokenizer = tokenizer or self.tokenizer
+        eos_ids = self.eos_ids if eos_ids is None else eos_ids
         end = len(tokens)
         finish = "length"
         for pos, token in enumerate(tokens):
-            if token in self.eos_ids:
+            if token in eos_ids:
                 end, finish = pos + 1, "stop"
                 break
-        decode = lambda k: self.tokenizer.decode(tokens[:k], skip_special_tokens=True)  # noqa: E731
+        decode = lambda k: tokenizer.decode(tokens[:k], skip_special_tokens=True)  # noqa: E731
         text = decode(end)
         if params.stop:
             text, found = cut_at_stop(text, params.stop)

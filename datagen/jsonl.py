@@ -5,8 +5,9 @@
   identical bytes, where orjson is missing or refuses a value (integers over 64 bits).
 
 - ``iter_jsonl(path)`` yields ``(line_number, object)`` one line at a time; a line that
-  is not JSON, is nested too deep or holds a lone surrogate (not valid Unicode) raises
-  ``UserError`` naming ``file:line``.
+  is not JSON, is nested too deep, holds a lone surrogate (not valid Unicode) or a number
+  that is not finite (NaN, Infinity, -Infinity, 1e999) raises ``UserError`` naming
+  ``file:line``.
 - ``atomic_writer(path)`` writes to a temporary file beside ``path`` and renames it
   into place only when the block finishes without an exception (signals and a full
   disk included): an output file is either complete or absent.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -68,10 +70,26 @@ def _lone_surrogate(obj: Any) -> str | None:
     return None
 
 
+def _refuse_constant(name: str) -> Any:
+    raise UnusableJSON(f"{name} is not a number JSON allows (JSON has no NaN or infinity); "
+                       "write a number, or null where there is none")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (math.inf, -math.inf):
+        raise UnusableJSON(f"the number {_short(text, 30)} is too large for a double (it would read as "
+                           "infinity); write a smaller number")
+    return value
+
+
 def _std_loads(data: bytes | str) -> Any:
-    """The standard library's parser, refusing what orjson refuses for good reasons."""
+    """The standard library's parser, refusing what orjson refuses for good reasons:
+    NaN, Infinity, -Infinity and numbers that overflow to infinity included (the
+    standard library would read them as floats that are not numbers)."""
     try:
-        obj = json.loads(data)  # bytes are decoded with surrogatepass: lone surrogates get through
+        # bytes are decoded with surrogatepass: lone surrogates get through
+        obj = json.loads(data, parse_constant=_refuse_constant, parse_float=_finite_float)
     except RecursionError:
         raise UnusableJSON(f"JSON nested too deep (over {MAX_DEPTH:,} levels of arrays or objects); "
                            "flatten the data") from None

@@ -1,8 +1,12 @@
 """The answers of the local Batch API stand-in: deterministic fake model output in the
 shapes the real endpoints return. Chat, responses and completions answer
-``echo: <last user message>``; embeddings a vector made from the text. A prompt holding
-``[fail]`` gets a 400 line, one holding ``[timeout]`` an ``error`` line with no response,
-the two shapes of per-request failure the real output and error files use.
+``echo: <last user message>``; embeddings a vector made from the text. A token is a
+whitespace-separated word (``_tokens``); an answer longer than the request's output cap
+(``max_completion_tokens`` / ``max_tokens`` / ``max_output_tokens``) is cut to the cap,
+with ``finish_reason: "length"`` (responses: ``status: "incomplete"``, reason
+``max_output_tokens``), as the real endpoints do. A prompt holding ``[fail]`` gets a 400
+line, one holding ``[timeout]`` an ``error`` line with no response, the two shapes of
+per-request failure the real output and error files use.
 """
 
 from __future__ import annotations
@@ -42,6 +46,25 @@ def _tokens(text: str) -> int:
     return max(1, len(text.split()))
 
 
+def _output_cap(url: str, body: dict) -> int | None:
+    """The request's output-token cap, under the endpoint's own field name."""
+    names = {"/v1/chat/completions": ("max_completion_tokens", "max_tokens"), "/v1/responses": ("max_output_tokens",),
+             "/v1/completions": ("max_tokens",)}.get(url, ())
+    for name in names:
+        value = body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _cut(reply: str, cap: int | None) -> tuple[str, bool]:
+    """The reply cut to ``cap`` tokens (words), and whether it was cut."""
+    words = reply.split()
+    if cap is None or len(words) <= cap:
+        return reply, False
+    return " ".join(words[:cap]), True
+
+
 def embedding_for(text: str) -> list[float]:
     """A deterministic unit-free vector from the text (same text, same vector)."""
     digest = hashlib.sha256(text.encode("utf-8")).digest()
@@ -52,28 +75,32 @@ def answer_body(url: str, body: dict, created: int, rid: str) -> dict:
     """The response body the real endpoint would send, with a deterministic answer."""
     model = body.get("model", "")
     text = _last_user_text(url, body)
-    reply = f"echo: {text}"
+    reply, cut = _cut(f"echo: {text}", _output_cap(url, body))
     prompt_tokens, completion_tokens = _tokens(text), _tokens(reply)
+    finish = "length" if cut else "stop"
     if url == "/v1/chat/completions":
         n = int(body.get("n") or 1)
         return {
             "id": f"chatcmpl-{rid}", "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": i, "message": {"role": "assistant", "content": reply, "refusal": None,
                                                  "annotations": []},
-                         "logprobs": None, "finish_reason": "stop"} for i in range(n)],
+                         "logprobs": None, "finish_reason": finish} for i in range(n)],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens * n,
                       "total_tokens": prompt_tokens + completion_tokens * n},
             "service_tier": "default", "system_fingerprint": "fp_local",
         }
     if url == "/v1/responses":
         return {
-            "id": f"resp_{rid}", "object": "response", "created_at": created, "status": "completed",
-            "model": model, "error": None, "incomplete_details": None, "instructions": body.get("instructions"),
+            "id": f"resp_{rid}", "object": "response", "created_at": created,
+            "status": "incomplete" if cut else "completed", "model": model, "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
+            "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
             "metadata": {}, "parallel_tool_calls": True, "temperature": body.get("temperature", 1.0),
             "top_p": body.get("top_p", 1.0), "tool_choice": "auto", "tools": [],
             "output": [
                 {"type": "reasoning", "id": f"rs_{rid}", "summary": []},
-                {"type": "message", "id": f"msg_{rid}", "status": "completed", "role": "assistant",
+                {"type": "message", "id": f"msg_{rid}", "status": "incomplete" if cut else "completed",
+                 "role": "assistant",
                  "content": [{"type": "output_text", "text": reply, "annotations": [], "logprobs": []}]},
             ],
             "usage": {"input_tokens": prompt_tokens,
@@ -84,7 +111,7 @@ def answer_body(url: str, body: dict, created: int, rid: str) -> dict:
     if url == "/v1/completions":
         return {
             "id": f"cmpl-{rid}", "object": "text_completion", "created": created, "model": model,
-            "choices": [{"text": reply, "index": 0, "logprobs": None, "finish_reason": "stop"}],
+            "choices": [{"text": reply, "index": 0, "logprobs": None, "finish_reason": finish}],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
             "system_fingerprint": "fp_local",

@@ -57,6 +57,7 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 from datagen.batchfile import estimate_tokens
+from datagen.cli import number
 from datagen.local_batch_answers import answer_line, is_success
 from datagen.local_batch_http import ApiError, Handler
 
@@ -532,7 +533,7 @@ def main(argv=None) -> int:
     parser.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (0: any free port)")
     parser.add_argument("--api_key", "--api-key", default="sk-local",
                         help="bearer token clients must send ('' accepts any)")
-    parser.add_argument("--step_seconds", "--step-seconds", type=float, default=1.0,
+    parser.add_argument("--step_seconds", "--step-seconds", type=number(0), default=1.0,
                         help="seconds between a batch's status steps")
     parser.add_argument("--work_steps", "--work-steps", type=int, default=2,
                         help="in_progress steps a batch takes to answer its requests")

@@ -8,7 +8,9 @@ ids file and the client are in ``datagen.openai_client``).
   holding the requests that failed or expired), ``list_recent``.
 - Each batch's metadata records its input file's name and sha256 (``source_file``,
   ``source_sha256``): ``--run`` refuses a file whose content already has a live or
-  completed batch among the saved ids and the recent batches, unless ``--force``.
+  completed batch among the saved ids and the recent batches, unless ``--force``. Each
+  created batch is appended to the history, and a download writes its provenance sidecar
+  (``datagen.provenance``).
 - ``--run --wait`` goes through the queue (``datagen.batch_queue``): parts are submitted
   as they fit the enqueued-token limit, refused ones again as earlier batches end, and a
   rerun continues from the manifest beside the ids file.
@@ -33,7 +35,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterable
 
-from datagen import batch_queue, batchfile, cli
+from datagen import batch_queue, batchfile, cli, provenance
 from datagen.errors import UserError
 from datagen.jsonl import iter_jsonl_objects, temp_path_beside
 from datagen.openai_client import (IDS_FILE, KEY_FILE, Session, check_state_path, error_code, file_id_or_none,
@@ -80,7 +82,7 @@ def add_batch_args(parser: argparse.ArgumentParser) -> None:
     cli.add_flag(queue, "max_enqueued_tokens", type=int, default=None, metavar="N",
                  help="--run --wait: the model's enqueued-token limit (see the account's limits page); parts are "
                       "submitted only while they fit, so none is refused")
-    cli.add_flag(queue, "max_cost", type=float, default=None, metavar="USD",
+    cli.add_flag(queue, "max_cost", type=cli.number(0), default=None, metavar="USD",
                  help="--run: refuse when the whole input is estimated over USD (needs both prices)")
     batchfile.add_price_args(queue)
     api = parser.add_argument_group("API")
@@ -91,7 +93,7 @@ def add_batch_args(parser: argparse.ArgumentParser) -> None:
                       "(default: $OPENAI_BASE_URL, else OpenAI)")
     cli.add_flag(api, "max_retries", type=int, default=5,
                  help="retries on 429, 5xx and dropped connections (the SDK's backoff; downloads restart)")
-    cli.add_flag(api, "poll_interval", type=float, default=30.0, metavar="SECONDS",
+    cli.add_flag(api, "poll_interval", type=cli.number(0), default=30.0, metavar="SECONDS",
                  help="--wait: seconds between status checks")
     cli.add_flag(api, "json", action="store_true", help="--check: print each batch as raw JSON, one per line")
 
@@ -108,8 +110,6 @@ def check_combination(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error("--run --download needs --wait (a new batch has nothing to download yet)")
     if args.max_retries < 0:
         parser.error("--max_retries must be 0 or more")
-    if args.poll_interval < 0:
-        parser.error("--poll_interval must be 0 or more")
     if args.limit < 1:
         parser.error("--limit must be at least 1")
     if args.force and not args.run:
@@ -122,11 +122,6 @@ def check_combination(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error("--max_enqueued_tokens must be at least 1")
     if args.max_cost is not None and not args.run:
         parser.error("--max_cost goes with --run")
-    if args.max_cost is not None and args.max_cost < 0:
-        parser.error("--max_cost must be 0 or more")
-    for name in ("input_price", "output_price"):
-        if getattr(args, name) is not None and getattr(args, name) < 0:
-            parser.error(f"--{name} must be 0 or more")
 
 
 # --- actions --------------------------------------------------------------------------
@@ -136,8 +131,9 @@ def describe(batch) -> str:
     """A human summary of one batch: status, counts, times, files and validation errors."""
     total, completed, failed = request_counts(batch)
     metadata = batch.metadata or {}
-    note = ", ".join(f"{k}: {v}" for k, v in metadata.items() if k != "source_sha256")  # 64 hex digits say little
-    lines = [f"{batch.id}: {batch.status}" + (f"  ({note})" if note else "")]
+    note = ", ".join(f"{k}: {v}" for k, v in metadata.items()
+                     if k not in ("source_sha256", "source_file"))  # 64 hex digits say little
+    lines = [f"{from_where(batch)}: {batch.status}" + (f"  ({note})" if note else "")]
     lines.append(f"  endpoint {batch.endpoint}" + (f", model {batch.model}" if batch.model else "")
                  + f", window {batch.completion_window}")
     lines.append(f"  requests: {total:,} total, {completed:,} completed, {failed:,} failed")
@@ -203,6 +199,7 @@ def submit(session: Session, input_path: str, description: str | None, force: bo
             raise
         ids.append(batch.id)
         save_batch_ids(ids_file, retry_of + ids, pending)
+        provenance.record_batch(ids_file, batch.id, path.name, digests[path], summary.model, retry_of)
         print(f"submitted {batch.id} for {path} ({summary.requests:,} requests, {summary.url}, {summary.model})")
     after = f", after the {len(retry_of)} batch(es) they retry" if retry_of else ""
     print(f"saved {len(ids)} batch id(s) in {ids_file}{after}")
@@ -223,8 +220,10 @@ def refuse_resubmission(session: Session, digests: dict[Path, str], saved_ids: l
         metadata = batch.metadata if isinstance(batch.metadata, dict) else {}
         path = by_digest.get(metadata.get("source_sha256"))
         if path is not None and batch.status in BLOCKING:
-            raise UserError(f"{path} was already submitted as batch {batch.id} ({batch.status}); use --check / "
-                            "--wait / --download, or pass --force to submit it again (you pay twice)")
+            raise UserError(f"{path} was already submitted as batch {batch.id} ({batch.status}); download its "
+                            f"results with: python batch_utils.py --wait --download {path.name.split('.')[0]}"
+                            f".results.jsonl --id {batch.id} "
+                            "(or --check --id), or pass --force to submit it again (you pay twice)")
 
 
 def check(session: Session, ids: list[str], as_json: bool) -> list:
@@ -282,7 +281,7 @@ def wait(session: Session, ids: list[str], poll_interval: float, sleep: Callable
     bar.close()
     for batch in batches.values():
         total, completed, failed = request_counts(batch)
-        print(f"{batch.id}: {batch.status} ({completed:,} completed, {failed:,} failed of {total:,})")
+        print(f"{from_where(batch)}: {batch.status} ({completed:,} completed, {failed:,} failed of {total:,})")
         if batch.status == "failed":
             print(f"  input refused: {validation_errors(batch)}")
     return list(batches.values())
@@ -328,10 +327,18 @@ def download(session: Session, ids: list[str], output: str | os.PathLike, batche
         if len(refused) == len(batches):
             raise UserError(message + "; fix the input file and --run it again")
         log.warning("%s", message)
-    out_tmp = err_tmp = None
+    for batch in batches:
+        print(f"downloading {from_where(batch)}: {batch.status}", flush=True)
+    sidecar = provenance.sidecar_path(output)
+    cli.check_output_path(sidecar, protected, flag="--download")
+    out_tmp = err_tmp = side_tmp = None
     out_lines = err_lines = 0
     try:
-        out_tmp, err_tmp = temp_path_beside(output), temp_path_beside(errors_path)
+        with cli.held_signals():  # each temporary file recorded for cleanup as it is made
+            out_tmp = temp_path_beside(output)
+            err_tmp = temp_path_beside(errors_path)
+            side_tmp = temp_path_beside(sidecar)
+        provenance.write_sidecar(side_tmp, session, batches)
         with open(out_tmp, "wb") as out, open(err_tmp, "wb") as err:
             for batch in batches:
                 if file_id_or_none(batch.output_file_id):
@@ -347,14 +354,16 @@ def download(session: Session, ids: list[str], output: str | os.PathLike, batche
                 handle.flush()
                 os.fsync(handle.fileno())
         codes = Counter(error_code(line) for _, line in iter_jsonl_objects(err_tmp)) if err_lines else Counter()
-        if errors_path.exists():
-            log.info("removing %s from an earlier download", errors_path)
-            errors_path.unlink()
-        if err_lines:
-            os.replace(err_tmp, errors_path)
-        os.replace(out_tmp, output)
+        with cli.held_signals():  # the three files move together: results never sit beside another's sidecar
+            if errors_path.exists():
+                log.info("removing %s from an earlier download", errors_path)
+                errors_path.unlink()
+            if err_lines:
+                os.replace(err_tmp, errors_path)
+            os.replace(side_tmp, sidecar)
+            os.replace(out_tmp, output)
     finally:
-        for tmp in (out_tmp, err_tmp):
+        for tmp in (out_tmp, err_tmp, side_tmp):
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
     merged = f" (from {len(batches)} batches)" if len(batches) > 1 else ""
@@ -365,6 +374,12 @@ def download(session: Session, ids: list[str], output: str | os.PathLike, batche
     else:
         print("no failed requests")
     return EXIT_STATUS["failed"] if refused else 0
+
+
+def from_where(batch) -> str:
+    """``batch_x (from judge.jsonl)``: a batch and the input file it was made from."""
+    metadata = batch.metadata if isinstance(batch.metadata, dict) else {}
+    return f"{batch.id} (from {metadata['source_file']})" if metadata.get("source_file") else batch.id
 
 
 def failed_ids_from_api(session: Session, ids: list[str]) -> dict[str, str]:

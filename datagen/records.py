@@ -3,7 +3,7 @@
 - A **record** is one JSON line per request: ``custom_id``, ``generated_text``,
   ``finish_reason``, ``prompt_tokens``, ``completion_tokens`` (the sum over the samples,
   as OpenAI counts it), ``samples`` (n > 1: each sample's text, finish reason and
-  tokens), provenance (``source``, ``model``, ``model_sha256``, ``adapter``,
+  tokens), provenance (``source``, ``run`` (the adapter's NAME, or ``base``), ``model``, ``model_sha256``, ``adapter``,
   ``adapter_sha256``, ``engine``, ``generation``, ``created``) and a ``fingerprint``.
   A request that cannot be answered is a record too: ``error: {code, message}`` in
   place of the text, like an OpenAI error line (``failed_record``).
@@ -101,13 +101,14 @@ class Provenance:
     adapter_digest: str | None  # of config and weights together
     engine: dict  # {"name", "dtype", "merged", versions...}
     engine_key: tuple = ("name", "dtype", "merged")  # the parts of ``engine`` a fingerprint holds
+    run: str = "base"  # the run's name: the adapter's NAME (--adapter_path NAME=PATH), or "base"
 
     def static_parts(self) -> dict:
         return {"model": digest([self.model_path, self.model_sha256]), "adapter": self.adapter_digest,
                 "engine": digest({k: self.engine.get(k) for k in self.engine_key})}
 
     def fields(self) -> dict:
-        return {"source": "finetuned", "model": self.model, "model_sha256": self.model_sha256,
+        return {"source": "finetuned", "run": self.run, "model": self.model, "model_sha256": self.model_sha256,
                 "adapter": self.adapter, "adapter_sha256": self.adapter_sha256, "engine": self.engine}
 
 

@@ -31,12 +31,29 @@ class Answer:
     error: tuple[str | None, str] | None = None  # (code, message) of a body that says it failed
 
 
+class BadNumber(ValueError):
+    """A token count that is not a whole number of 0 or more (``body_answer`` adds file:line)."""
+
+
+def token_count(value: Any, name: str) -> int | None:
+    """A token count as reported: None when absent (null), else a whole number >= 0;
+    anything else (text, a fraction, a negative number, true/false) is a ``BadNumber``,
+    never read as 0."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BadNumber(f"{name} must be a whole number of tokens (0 or more), got {value!r}; "
+                        "fix the file or write null where the count is unknown")
+    return value
+
+
 def usage_fields(usage: Any) -> dict:
     """Token usage under one set of names, only those the body reports.
 
     chat/completions/embeddings: ``prompt_tokens``, ``completion_tokens``,
     ``completion_tokens_details.reasoning_tokens``; responses: ``input_tokens``,
-    ``output_tokens``, ``output_tokens_details.reasoning_tokens``.
+    ``output_tokens``, ``output_tokens_details.reasoning_tokens``. A count that is not a
+    whole number >= 0 raises ``BadNumber``.
     """
     if not isinstance(usage, dict):
         return {}
@@ -44,14 +61,17 @@ def usage_fields(usage: Any) -> dict:
     for name, keys in (("prompt_tokens", ("prompt_tokens", "input_tokens")),
                        ("completion_tokens", ("completion_tokens", "output_tokens"))):
         for key in keys:
-            if isinstance(usage.get(key), int):
-                out[name] = usage[key]
+            value = token_count(usage.get(key), f"usage.{key}")
+            if value is not None:
+                out[name] = value
                 break
     for key in ("completion_tokens_details", "output_tokens_details"):
         details = usage.get(key)
-        if isinstance(details, dict) and isinstance(details.get("reasoning_tokens"), int):
-            out["reasoning_tokens"] = details["reasoning_tokens"]
-            break
+        if isinstance(details, dict):
+            value = token_count(details.get("reasoning_tokens"), f"usage.{key}.reasoning_tokens")
+            if value is not None:
+                out["reasoning_tokens"] = value
+                break
     return out
 
 
@@ -175,4 +195,7 @@ def body_answer(body: Any, where: str) -> Answer:
         keys = ", ".join(list(body)[:10]) if isinstance(body, dict) else type(body).__name__
         raise UserError(f"{where}: the response body is not a chat, responses, completions or embeddings "
                         f"answer (it has {keys}); reformat_results.py reads those endpoints only")
-    return EXTRACTORS[endpoint](body)
+    try:
+        return EXTRACTORS[endpoint](body)
+    except BadNumber as exc:
+        raise UserError(f"{where}: {exc}") from None

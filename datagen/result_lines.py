@@ -21,7 +21,8 @@ from typing import Any
 
 from datagen.errors import UserError
 from datagen.jsonl import dumps
-from datagen.result_answers import Answer, body_answer, body_endpoint, usage_fields
+from datagen.result_answers import Answer, BadNumber, body_answer, body_endpoint, token_count, usage_fields
+from datagen.result_runs import finetuned_name
 
 OPENAI, FINETUNED = "openai", "finetuned"
 SOURCE_TYPES = ("auto", OPENAI, FINETUNED)
@@ -83,7 +84,7 @@ def _error_parts(error: Any) -> tuple[Any, str | None]:
 
 
 def output_record(custom_id: str, texts: list[str], finish_reasons: list, *, source: str, model: Any,
-                  adapter: Any = None, refusal: bool = False, usage: dict | None = None,
+                  run: Any = None, adapter: Any = None, refusal: bool = False, usage: dict | None = None,
                   details: dict | str | None = None) -> dict:
     """The one output record of every route: every column of COLUMNS (datagen.result_output), none null.
 
@@ -93,6 +94,7 @@ def output_record(custom_id: str, texts: list[str], finish_reasons: list, *, sou
     """
     usage = usage or {}
     return {"id": custom_id, "generated_text": texts[0] if texts else "", "source": source,
+            "run": run if isinstance(run, str) else model if isinstance(model, str) else "",
             "model": model if isinstance(model, str) else "", "adapter": adapter if isinstance(adapter, str) else "",
             "finish_reason": (finish_reasons[0] if finish_reasons else None) or "", "refusal": refusal,
             "prompt_tokens": usage.get("prompt_tokens", 0), "completion_tokens": usage.get("completion_tokens", 0),
@@ -101,7 +103,7 @@ def output_record(custom_id: str, texts: list[str], finish_reasons: list, *, sou
             "details": details if isinstance(details, str) else dumps(details or {})}
 
 
-def _answer_record(custom_id: str, answer: Answer, endpoint: str) -> dict:
+def _answer_record(custom_id: str, answer: Answer, endpoint: str, run: str | None) -> dict:
     details: dict[str, Any] = {"endpoint": endpoint}
     if answer.tool_calls:
         details["tool_calls"] = answer.tool_calls
@@ -111,8 +113,8 @@ def _answer_record(custom_id: str, answer: Answer, endpoint: str) -> dict:
         texts, reasons = [""], [""]
     elif len(reasons) < len(texts):
         reasons = reasons + [None] * (len(texts) - len(reasons))
-    return output_record(custom_id, texts, reasons, source=OPENAI, model=answer.model, refusal=answer.refusal,
-                         usage=answer.usage, details=details)
+    return output_record(custom_id, texts, reasons, source=OPENAI, model=answer.model, run=run,
+                         refusal=answer.refusal, usage=answer.usage, details=details)
 
 
 def _judge(custom_id: str, answer: Answer, record: dict, options: ResultOptions) -> Result:
@@ -137,8 +139,9 @@ def _judge(custom_id: str, answer: Answer, record: dict, options: ResultOptions)
     return result
 
 
-def openai_result(obj: dict, where: str, options: ResultOptions = ResultOptions()) -> Result:
-    """One OpenAI-envelope line (output file, error file, vLLM run-batch) into a Result."""
+def openai_result(obj: dict, where: str, options: ResultOptions = ResultOptions(), run: str | None = None) -> Result:
+    """One OpenAI-envelope line (output file, error file, vLLM run-batch) into a Result;
+    ``run``: the model as requested (the download's sidecar), else the answer's model."""
     custom_id = obj.get("custom_id")
     if custom_id is None:
         custom_id = ""  # the Batch API can return failures without an id
@@ -158,13 +161,15 @@ def openai_result(obj: dict, where: str, options: ResultOptions = ResultOptions(
             message = ("no response and no error message" if response is None else
                        f"HTTP status {status}" if status != 200 else "status 200 but no response body")
         return Result(custom_id, False, failed_record(custom_id, "error", status_code=status, error_code=code,
-                                                      message=message, source=OPENAI))
+                                                      message=message, source=OPENAI,
+                                                      **({"run": run} if run else {})))
     answer = body_answer(body, where)  # raises for an unknown body: body_endpoint is known below
     if answer.error is not None:
         code, message = answer.error
         return Result(custom_id, False, failed_record(custom_id, "error", status_code=status, error_code=code,
-                                                      message=message, source=OPENAI, model=answer.model))
-    return _judge(custom_id, answer, _answer_record(custom_id, answer, body_endpoint(body)), options)
+                                                      message=message, source=OPENAI, model=answer.model,
+                                                      run=run or answer.model))
+    return _judge(custom_id, answer, _answer_record(custom_id, answer, body_endpoint(body), run), options)
 
 
 def finetuned_answer(obj: dict, where: str) -> Answer:
@@ -172,9 +177,17 @@ def finetuned_answer(obj: dict, where: str) -> Answer:
     text = obj.get("generated_text")
     if not isinstance(text, str):
         raise UserError(f"{where}: generated_text must be text, got {type(text).__name__}")
+    try:
+        usage = {k: token_count(obj.get(k), k) for k in ("prompt_tokens", "completion_tokens")}
+        samples = obj.get("samples")
+        if isinstance(samples, list):
+            for k, sample in enumerate(samples):
+                if isinstance(sample, dict):
+                    token_count(sample.get("completion_tokens"), f"samples[{k}].completion_tokens")
+    except BadNumber as exc:
+        raise UserError(f"{where}: {exc}") from None
     answer = Answer(texts=[text], finish_reasons=[obj.get("finish_reason")], model=obj.get("model"),
-                    usage={k: obj[k] for k in ("prompt_tokens", "completion_tokens") if isinstance(obj.get(k), int)})
-    samples = obj.get("samples")
+                    usage={k: v for k, v in usage.items() if v is not None})
     if samples is not None:
         if not isinstance(samples, list) or not all(isinstance(s, dict) and isinstance(s.get("text"), str)
                                                     for s in samples):
@@ -189,22 +202,23 @@ FINETUNED_DETAILS = ("model_sha256", "adapter_sha256", "engine", "generation", "
                      "ignored_fields", "created")
 
 
-def finetuned_result(obj: dict, where: str, options: ResultOptions = ResultOptions()) -> Result:
+def finetuned_result(obj: dict, where: str, options: ResultOptions = ResultOptions(), run: str | None = None) -> Result:
+    """A generations record into a Result; its run name is the record's own (``run`` is unused)."""
     custom_id = obj.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id:
         raise UserError(f"{where}: a fine-tuned generations line needs a non-empty custom_id string")
     if obj.get("error"):
         code, message = _error_parts(obj["error"])
         return Result(custom_id, False, failed_record(custom_id, "error", error_code=code, message=message,
-                                                      source=FINETUNED, model=obj.get("model"),
-                                                      adapter=obj.get("adapter")))
+                                                      source=FINETUNED, run=finetuned_name(obj),
+                                                      model=obj.get("model"), adapter=obj.get("adapter")))
     answer = finetuned_answer(obj, where)
     details = {key: obj[key] for key in FINETUNED_DETAILS if key in obj}
     samples = obj.get("samples")
     if isinstance(samples, list) and len(samples) > 1:
         details["sample_completion_tokens"] = [sample.get("completion_tokens") for sample in samples]
     record = output_record(custom_id, answer.texts, answer.finish_reasons, source=FINETUNED, model=answer.model,
-                           adapter=obj.get("adapter"), usage=answer.usage, details=details)
+                           run=finetuned_name(obj), adapter=obj.get("adapter"), usage=answer.usage, details=details)
     return _judge(custom_id, answer, record, options)
 
 
@@ -214,7 +228,7 @@ PARSERS = {OPENAI: openai_result, FINETUNED: finetuned_result}
 CHAT_DETAILS = dumps({"endpoint": "chat"})
 
 
-def fast_chat_record(obj: dict) -> dict | None:
+def fast_chat_record(obj: dict, run: str | None = None) -> dict | None:
     """The common line, built directly: a one-choice chat success with text that ended
     with "stop". None for anything else, which the general path (``openai_result``) takes;
     both give the same record (tested)."""
@@ -234,5 +248,9 @@ def fast_chat_record(obj: dict) -> dict | None:
     content = message.get("content")
     if type(content) is not str or not content or content.isspace() or message.get("tool_calls"):
         return None
-    return output_record(custom_id, [content], ["stop"], source=OPENAI, model=body.get("model"),
-                         usage=usage_fields(body.get("usage")), details=CHAT_DETAILS)
+    try:
+        usage = usage_fields(body.get("usage"))
+    except BadNumber:
+        return None  # the general path says where
+    return output_record(custom_id, [content], ["stop"], source=OPENAI, model=body.get("model"), run=run,
+                         usage=usage, details=CHAT_DETAILS)

@@ -14,6 +14,12 @@ id             string                    the request's ``custom_id``
 generated_text string                    the answer (n > 1: the first sample's); "" for
                                          embeddings and tool calls
 source         string                    ``openai`` or ``finetuned`` (the route)
+run            string                    the run's name (``datagen.result_runs``): the
+                                         fine-tuned record's ``run`` (``--adapter_path``
+                                         NAME, ``base``; older records: the adapter
+                                         folder's name, else ``base``); OpenAI: the model
+                                         as requested (the download's sidecar, else the
+                                         answer's model)
 model          string                    the model that answered (OpenAI: as the response
                                          names it; fine-tuned: the base model as given)
 adapter        string                    the LoRA adapter as given; "" for OpenAI and for a
@@ -41,7 +47,8 @@ request body) as they are: a CSV's ``1`` stays the string "1", a JSON number a n
 null where a request has none. ``prompt`` is the input the model saw, system message
 first, as a list of ``{role: string, content: string}`` (a plain prompt is one user
 message): from the batch input when given, else built from the prompts file with the
-same prompt flags. In CSV, lists and objects are JSON text; in Parquet, the types above
+same prompt flags. In CSV (every field quoted, so any text reads back as it was), lists
+and objects are JSON text; in Parquet, the types above
 (kept fields: int64, float64, bool or string by the values seen; anything else JSON text).
 
 ``open_sink`` writes through a temporary file renamed into place, with the ``Sink`` for
@@ -63,7 +70,7 @@ OUTPUT_SUFFIXES = (".jsonl", ".csv", ".tsv", ".parquet")
 
 # Output columns, in this order, in every reformatted file of every route (see the
 # module docstring); ``--keep_fields`` columns come after them.
-COLUMNS = ("id", "generated_text", "source", "model", "adapter", "finish_reason", "refusal",
+COLUMNS = ("id", "generated_text", "source", "run", "model", "adapter", "finish_reason", "refusal",
            "prompt_tokens", "completion_tokens", "reasoning_tokens", "samples", "details")
 # Columns of reformatted files written before one schema (read by --compare, never kept).
 OLD_COLUMNS = ("sample_finish_reasons", "embedding", "embeddings", "tool_calls", "adapter_sha256", "generation")
@@ -122,7 +129,9 @@ class Sink:
         self.count = 0
         self.rows: list[dict] = []
         if fmt == "csv":
-            self.writer = csv.writer(handle, delimiter=delimiter, lineterminator="\n")
+            # Every field quoted: a carriage return, newline, NUL, quote or delimiter in an
+            # answer stays inside its field for every reader (pandas, datasets, csv, prompts).
+            self.writer = csv.writer(handle, delimiter=delimiter, lineterminator="\n", quoting=csv.QUOTE_ALL)
             self.writer.writerow(columns)
         elif fmt == "parquet":
             import pyarrow as pa

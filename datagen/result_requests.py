@@ -1,7 +1,7 @@
 """The original requests of a reformat run (a batch input or a prompts file) and the fields kept from them.
 
 ``batch_input_requests`` and ``prompts_file_requests`` give ``(custom_id, where, fields)``
-in file order, with ``prompt`` (``PROMPT_FIELD``) the input the model saw as
+in file order (``prompts_file_rows`` too, without a prompt: no prompt flag needed), with ``prompt`` (``PROMPT_FIELD``) the input the model saw as
 ``{role, content}`` messages (``prompt_messages``); ``Requests`` says which of them a run
 joins to; ``keep_values`` and ``merge_keep`` make the ``--keep_fields`` values JSON bytes
 for the store and the output.
@@ -69,6 +69,20 @@ def prompts_file_requests(prompts: Iterable) -> Iterator[tuple[str, str, dict]]:
     for prompt in prompts:
         text = prompt.text if prompt.text is not None else prompt.messages
         yield prompt.custom_id, prompt.where, {**prompt.row, PROMPT_FIELD: prompt_messages(text, prompt.system)}
+
+
+def prompts_file_rows(path: str | os.PathLike, id_field: str | None, fmt: str = "auto",
+                      split: str | None = None) -> Iterator[tuple[str, str, dict]]:
+    """``(custom_id, where, fields)`` of a prompts file's rows, without building prompts:
+    for runs that keep no ``prompt``, so that no prompt flag is asked for."""
+    from datagen import prompts
+
+    count = 0
+    for row in prompts.iter_rows(path, fmt, split):
+        count += 1
+        yield prompts.row_id(row, id_field), row.where, row.data
+    if count == 0:
+        raise UserError(f"{path}: no rows; the prompts file needs at least one row")
 
 
 @dataclass

@@ -30,6 +30,10 @@ The pieces, one module each, from the edges in (their names are importable from 
 - ``datagen.result_lines``: ``openai_result`` / ``finetuned_result`` (``PARSERS``): one
   raw line into a ``Result``: the output record (``output_record``), or a failed record
   with its ``reason``.
+- ``datagen.result_runs``: ``run_key``, the one identity of a run (model, adapter, run
+  name, fingerprint parts; OpenAI: the requested model and the sidecar's inputs), and
+  ``RunSorter``, which groups the identities seen into runs: records of different runs
+  are never merged (``one_run`` refuses them), and ``--compare`` gives each its column.
 - ``datagen.result_requests``: the original requests (a batch input, a prompts file) and
   the ``--keep_fields`` values taken from them.
 - ``datagen.result_store``: ``ResultStore``, an on-disk SQLite database (in ``$TMPDIR``)
@@ -63,7 +67,8 @@ from datagen.result_lines import (CHAT_DETAILS, FINETUNED, FINETUNED_DETAILS, KI
 from datagen.result_output import (COLUMNS, FAILED_COLUMNS, OLD_COLUMNS, OUTPUT_SUFFIXES, Sink, arrow_types,
                                    open_sink, output_format)
 from datagen.result_requests import (PROMPT_FIELD, Requests, batch_input_requests, body_prompt, keep_values,
-                                     merge_keep, prompt_messages, prompts_file_requests)
+                                     merge_keep, prompt_messages, prompts_file_requests, prompts_file_rows)
+from datagen.result_runs import FoundRun, Origins, RunSorter, describe_runs, run_key
 from datagen.result_store import Duplicates, ResultStore, natural_key, pick
 
 # Everything public of the pieces stays importable as results.NAME (reformat_results.py,
@@ -77,9 +82,10 @@ __all__ = [
     "COLUMNS", "FAILED_COLUMNS", "OLD_COLUMNS", "OUTPUT_SUFFIXES", "Sink", "arrow_types", "open_sink",
     "output_format",
     "PROMPT_FIELD", "Requests", "batch_input_requests", "body_prompt", "keep_values", "merge_keep",
-    "prompt_messages", "prompts_file_requests",
+    "prompt_messages", "prompts_file_requests", "prompts_file_rows",
     "Duplicates", "ResultStore", "natural_key", "pick",
-    "expand_inputs", "check_shards", "Counts", "Summary", "KindCheck", "load_requests", "reformat",
+    "FoundRun", "Origins", "RunSorter", "describe_runs", "run_key",
+    "expand_inputs", "check_shards", "Counts", "Summary", "KindCheck", "load_requests", "one_run", "reformat",
 ]
 
 log = logging.getLogger("datagen")
@@ -202,19 +208,32 @@ class KindCheck:
 
 
 def _parse_files(paths: list[Path], kinds: KindCheck, options: ResultOptions,
-                 counts: Counts) -> Iterator[tuple[str, bool, str]]:
+                 counts: Counts, sorter: RunSorter) -> Iterator[tuple[str, bool, str]]:
+    """Every line of ``paths`` as ``(custom_id, ok, record)``; ``sorter`` notes the run
+    identity of each (``datagen.result_runs``)."""
     from datagen.cli import progress
 
-    for path in paths:
+    origins = Origins()
+    for number, path in enumerate(paths):
+        requested, roots = origins.of(path)  # the sidecar of a download: (None, None) without one
+        file_key = run_key(OPENAI, {}, requested=requested, roots=roots) if requested else None
+        note = sorter.note
         for line_number, obj in progress(iter_jsonl_objects(path), desc=f"reading {path.name}", unit="line"):
             counts.lines += 1
             if kinds.kind == OPENAI and "response" in obj:
-                record = fast_chat_record(obj)
+                record = fast_chat_record(obj, requested)
                 if record is not None:
+                    note(number, file_key or run_key(OPENAI, record, roots=roots))
                     yield record["id"], True, dumps_bytes(record)
                     continue
             where = f"{path}:{line_number}"
-            result = PARSERS[kinds.check(obj, where)](obj, where, options)
+            kind = kinds.check(obj, where)
+            result = PARSERS[kind](obj, where, options, requested)
+            if kind == FINETUNED:
+                note(number, run_key(FINETUNED, obj))
+            else:
+                note(number, file_key or (run_key(OPENAI, result.record, roots=roots)
+                                          if result.record.get("model") else None))
             counts.cut_off += result.cut_off
             counts.empty += result.empty
             counts.refusals += result.refusal
@@ -257,12 +276,22 @@ def load_requests(store: ResultStore, requests: Requests, keep_fields: list[str]
     summary.extra = store.extra_count()
 
 
+def one_run(runs: list[FoundRun], compare_hint: str) -> None:
+    """Refuse files that hold several runs: their records are never merged."""
+    if len(runs) > 1:
+        raise UserError(f"the --input_file files hold {len(runs)} runs: {describe_runs(runs)}; records of "
+                        "different runs are never merged: reformat each run on its own, or put them side by "
+                        f"side with {compare_hint}")
+
+
 def reformat(inputs: list[Path], output: Path, failed_path: Path, *, source_type: str = "auto",
              options: ResultOptions = ResultOptions(), requests: Requests | None = None,
-             keep_fields: list[str] | tuple = (), tmp_dir: str | None = None) -> Summary:
+             keep_fields: list[str] | tuple = (), tmp_dir: str | None = None,
+             compare_hint: str = "reformat_results.py --compare") -> Summary:
     """Read every results file, join to the requests if given, write output and failed file.
 
-    Both outputs are complete or absent. Input errors are raised before anything is written.
+    Both outputs are complete or absent. Input errors (files of several runs included) are
+    raised before anything is written.
     """
     from datagen.cli import progress
 
@@ -271,11 +300,13 @@ def reformat(inputs: list[Path], output: Path, failed_path: Path, *, source_type
     counts = summary.counts
     with ResultStore(tmp_dir) as store:
         started = time.perf_counter()
-        store.add_results(_parse_files(inputs, KindCheck(source_type), options, counts))
+        sorter = RunSorter(inputs)
+        store.add_results(_parse_files(inputs, KindCheck(source_type), options, counts, sorter))
         log.debug("read %d results in %.1f s (%.1f s CPU)", counts.lines, time.perf_counter() - started,
                   time.process_time())
         if counts.lines == 0:
             raise UserError(f"no result lines in {', '.join(map(str, inputs))}; check --input_file")
+        one_run(sorter.runs(), compare_hint)
         keep_types: dict[str, set[str]] = {name: set() for name in keep_fields}
         if requests is not None:
             load_requests(store, requests, keep_fields, keep_types, summary)

@@ -2,6 +2,9 @@
 
     python -m datagen.tinymodel OUTDIR                 # OUTDIR/base and OUTDIR/adapter (Llama-style)
     python -m datagen.tinymodel OUTDIR --arch qwen2    # a Qwen2-style base instead
+    python -m datagen.tinymodel OUTDIR --adapters a,b,c   # OUTDIR/base, OUTDIR/adapter-a, -b, -c
+    python -m datagen.tinymodel OUTDIR --own_chat_template   # each adapter saves a tokenizer with
+                                                             # its own chat template beside it
 
 Nothing is downloaded. ``build_tiny_model`` trains a byte-level BPE tokenizer (about
 500 tokens) on a built-in corpus in well under a second, gives it a chat template
@@ -9,8 +12,10 @@ that starts with the BOS token (as Llama's does, so a doubled BOS would show), n
 token (so the pad-token fallback runs), and saves a model of the chosen architecture
 (hidden size 64, 2 layers) with random weights beside it. ``build_tiny_adapter``
 loads that base from disk and saves a LoRA adapter whose A and B matrices are both
-random and non-zero, so the adapter visibly changes greedy output. Both are
-deterministic for a given seed.
+random and non-zero, so the adapter visibly changes greedy output; it can save a
+tokenizer of its own beside it, as trainers do (another chat template, added tokens
+with resized embeddings), or keep B at zero (an adapter saved before training). Both
+are deterministic for a given seed.
 
 The models are random: their text is gibberish, but they exercise the real loading,
 tokenizing, batching and generation code exactly as a real checkpoint would.
@@ -23,6 +28,8 @@ import random
 import sys
 import warnings
 from pathlib import Path
+
+from datagen.cli import setup_hint
 
 ARCHS = ("llama", "qwen2", "gpt2")
 # Modules a LoRA adapter targets, per architecture (the usual choices for each).
@@ -40,6 +47,14 @@ CHAT_TEMPLATE = (
     "{{ '<|' + message['role'] + '|>' }}\n{{ message['content'] }}{{ eos_token }}\n"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}\n{% endif %}"
+)
+
+# Another prompt format, for an adapter "trained" with its own template (no BOS, other markers).
+ADAPTER_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '### ' + message['role'] + ':\\n' + message['content'] + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### assistant:\\n' }}{% endif %}"
 )
 
 _WORDS = (
@@ -125,11 +140,16 @@ def build_tiny_model(path, seed: int = 0, arch: str = "llama", hidden: int = 64,
 
 
 def build_tiny_adapter(base_path, path, seed: int = 1, r: int = 8, targets: list[str] | None = None,
-                       scale: float = 0.1) -> Path:
+                       scale: float = 0.1, chat_template: str | None = None, added_tokens: tuple = (),
+                       resize_embeddings: bool = True, untrained: bool = False) -> Path:
     """Save a LoRA adapter for the model in ``base_path`` whose weights are all non-zero.
 
     ``scale`` is the standard deviation of the random A and B entries; the default
-    changes the tiny model's greedy output from the first tokens on.
+    changes the tiny model's greedy output from the first tokens on. ``chat_template``
+    and ``added_tokens`` save the base's tokenizer beside the adapter with that template
+    and those special tokens added (as TRL, LlamaFactory and axolotl save theirs); with
+    added tokens and ``resize_embeddings`` the base's embeddings are resized for them and
+    saved with the adapter (peft ``modules_to_save``). ``untrained`` keeps every B at zero.
     """
     import torch
     import transformers
@@ -138,31 +158,55 @@ def build_tiny_adapter(base_path, path, seed: int = 1, r: int = 8, targets: list
     base_path, path = Path(base_path), Path(path)
     model = transformers.AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     arch = model.config.model_type
+    tokenizer = None
+    if chat_template is not None or added_tokens:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(base_path)
+        if chat_template is not None:
+            tokenizer.chat_template = chat_template
+        if added_tokens:
+            tokenizer.add_special_tokens({"additional_special_tokens": list(added_tokens)})
+    resized = bool(added_tokens) and resize_embeddings
+    if resized:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, task_type="CAUSAL_LM",
                         target_modules=targets or LORA_TARGETS.get(arch, LORA_TARGETS["llama"]),
-                        fan_in_fan_out=arch == "gpt2")
+                        fan_in_fan_out=arch == "gpt2",
+                        modules_to_save=["embed_tokens", "lm_head"] if resized else None)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # peft reads a deprecated transformers attribute
+        warnings.simplefilter("ignore")  # peft reads a deprecated transformers attribute
         peft_model = get_peft_model(model, config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
-            if "lora_A" in name or "lora_B" in name:
+            if "lora_A" in name or ("lora_B" in name and not untrained):
                 param.copy_(torch.randn(param.shape, generator=generator) * scale)
-    peft_model.save_pretrained(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
     return path
 
 
+@setup_hint("python -m datagen.tinymodel")  # a missing torch/transformers: one line
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m datagen.tinymodel", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("outdir", help="folder to write base/ and adapter/ into")
+    parser.add_argument("outdir", help="folder to write base/ and adapter/ (or adapter-NAME/) into")
     parser.add_argument("--arch", default="llama", choices=ARCHS, help="architecture of the base model")
     parser.add_argument("--seed", type=int, default=0, help="seed of the base model (the adapter uses seed+1)")
     parser.add_argument("--hidden", type=int, default=64, help="hidden size")
     parser.add_argument("--layers", type=int, default=2, help="number of layers")
     parser.add_argument("--no_adapter", action="store_true", help="build only the base model")
+    parser.add_argument("--adapters", default=None, metavar="NAME,NAME,...",
+                        help="several adapters on the one base, into OUTDIR/adapter-NAME (seeds seed+1, seed+2, ...)")
+    parser.add_argument("--own_chat_template", action="store_true",
+                        help="save beside each adapter a tokenizer with its own chat template (another prompt "
+                             "format than the base's), as trainers do")
     args = parser.parse_args(argv)
+    names = [name.strip() for name in (args.adapters or "").split(",") if name.strip()]
+    if args.adapters is not None and (not names or any("/" in name for name in names)):
+        parser.error(f"--adapters {args.adapters!r}: give names separated by commas, e.g. a,b,c")
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
@@ -170,8 +214,11 @@ def main(argv=None) -> int:
     base = build_tiny_model(outdir / "base", seed=args.seed, arch=args.arch, hidden=args.hidden, layers=args.layers)
     print(f"base model: {base}")
     if not args.no_adapter:
-        adapter = build_tiny_adapter(base, outdir / "adapter", seed=args.seed + 1)
-        print(f"adapter: {adapter}")
+        folders = [f"adapter-{name}" for name in names] or ["adapter"]
+        template = ADAPTER_CHAT_TEMPLATE if args.own_chat_template else None
+        for number, folder in enumerate(folders, start=1):
+            adapter = build_tiny_adapter(base, outdir / folder, seed=args.seed + number, chat_template=template)
+            print(f"adapter: {adapter}")
     return 0
 
 

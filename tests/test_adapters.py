@@ -43,11 +43,17 @@ def test_two_adapters_and_the_base_in_one_run_answer_as_each_alone(tiny, second,
     records = {name: read_jsonl(f"gen.{name}.jsonl") for name in ("first", "ckpt-2", "base")}
     assert records["base"][0]["adapter"] is None and records["first"][0]["adapter"] == str(tiny["adapter"])
     assert len({r[0]["fingerprint"]["adapter"] for r in records.values()}) == 3
+    # Every record carries its run's name: NAME of NAME=PATH, the folder's name, or "base".
+    assert {name: {r["run"] for r in recs} for name, recs in records.items()} == {
+        "first": {"first"}, "ckpt-2": {"ckpt-2"}, "base": {"base"}}
+    assert "run first: tokenizer and chat template from" in err and "(base) -> gen.first.jsonl" in err
+    assert "wrote gen.first.jsonl: 7 generated, 0 already there, 7 of 7 done (run first)" in out
     assert all(r[0]["engine"]["merged"] is False for r in records.values())  # one base, adapters switched
     # Each file resumes on its own.
     code, out, _ = run_main(capsys, *common(tiny), "--adapter_path", f"first={tiny['adapter']}",
                             "--adapter_path", second, "--with_base")
-    assert code == 0 and out.count("0 generated, 7 already there") == 3
+    assert code == 0 and out.splitlines() == ["nothing to do: all 7 requests are already in gen.first.jsonl, "
+                                              "gen.ckpt-2.jsonl, gen.base.jsonl, made as this run would make them"]
 
 
 def test_shards_of_several_adapters(tiny, second, capsys):  # noqa: F811
@@ -87,3 +93,95 @@ def test_engine_auto_without_a_gpu_takes_hugging_face(tiny, capsys, caplog):  # 
     assert code == 0, err
     assert "engine hf (--engine auto: " in caplog.text
     assert read_jsonl("gen.jsonl")[0]["engine"]["name"] == "hf"
+
+
+# --- the adapter's own tokenizer and chat template ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def own_template(tiny):  # noqa: F811
+    """The same weights as tiny["adapter"], saved with a tokenizer of another chat template."""
+    return tinymodel.build_tiny_adapter(tiny["base"], tiny["root"] / "own-template", seed=1,
+                                        chat_template=tinymodel.ADAPTER_CHAT_TEMPLATE)
+
+
+def write_conversations(count=4):
+    from tests.test_generate_data_finetuned import prompt_text
+    from tests.util import write_jsonl
+
+    write_jsonl("prompts.jsonl", [{"id": f"p{i}", "messages": [{"role": "user", "content": prompt_text(i)}]}
+                                  for i in range(count)])
+    return [prompt_text(i) for i in range(count)]
+
+
+def test_an_adapter_with_its_own_chat_template_renders_with_it(tiny, own_template, capsys):  # noqa: F811
+    import transformers
+
+    from datagen import records
+
+    texts_in = write_conversations()
+    code, out, err = run_main(capsys, *common(tiny), "--adapter_path", f"own={own_template}",
+                              "--adapter_path", f"plain={tiny['adapter']}", "--with_base")
+    assert code == 0, err
+    assert f"run own: tokenizer and chat template from {own_template} (adapter) -> gen.own.jsonl" in err
+    assert f"run plain: tokenizer and chat template from {tiny['base']} (base) -> gen.plain.jsonl" in err
+    own, plain, base = (read_jsonl(f"gen.{name}.jsonl") for name in ("own", "plain", "base"))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny["base"])
+    for text, o, p, b in zip(texts_in, own, plain, base):
+        # The adapter's records: its template rendered by hand, tokenized by its tokenizer.
+        by_hand = tokenizer(f"### user:\n{text}\n### assistant:\n", add_special_tokens=False)["input_ids"]
+        assert o["prompt_tokens"] == len(by_hand) and o["fingerprint"]["input"] == records.input_digest(by_hand)
+        assert p["fingerprint"]["input"] == b["fingerprint"]["input"] != o["fingerprint"]["input"]
+        base_rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                      add_generation_prompt=True)
+        assert p["fingerprint"]["input"] == records.input_digest(
+            tokenizer(base_rendered, add_special_tokens=False)["input_ids"])
+    # Same weights, another prompt: other answers (the template reached the model).
+    assert [r["generated_text"] for r in own] != [r["generated_text"] for r in plain]
+
+
+def test_an_adapter_tokenizer_beyond_the_base_vocabulary(tiny, capsys):  # noqa: F811
+    write_prompts(count=2)
+    bare = tinymodel.build_tiny_adapter(tiny["base"], tiny["root"] / "added-bare", added_tokens=("<|im_end|>",),
+                                        resize_embeddings=False)
+    code, _, err = run_main(capsys, *common(tiny), "--adapter_path", bare)
+    assert code == 1 and error_line(err) == (
+        f"generate_data_finetuned.py: error: --adapter_path {bare}: its tokenizer has token ids up to 512 (added "
+        f"tokens included) but {tiny['base']}'s input embeddings have 512 rows and the adapter saved no resized "
+        "embeddings that cover them; save the adapter with its resized embed_tokens and lm_head (peft "
+        "modules_to_save or save_embedding_layers=True), or remove the tokenizer files from the adapter folder "
+        "to use the base's")
+    assert "loading the base model" not in err and files_in(".") == ["prompts.jsonl"]
+    # The common case: the trainer saved the resized embeddings with the adapter.
+    resized = tinymodel.build_tiny_adapter(tiny["base"], tiny["root"] / "added-resized", added_tokens=("<|im_end|>",))
+    code, out, err = run_main(capsys, *common(tiny), "--adapter_path", resized)
+    assert code == 0 and "2 generated" in out, err
+    code, _, err = run_main(capsys, *common(tiny, "both.jsonl"), "--adapter_path", resized, "--with_base")
+    assert code == 1 and "run this adapter on its own (without --with_base or other adapters)" in error_line(err)
+
+
+def test_an_untrained_adapter_is_warned_about(tiny, capsys):  # noqa: F811
+    write_prompts(count=3)
+    zero = tinymodel.build_tiny_adapter(tiny["base"], tiny["root"] / "untrained", untrained=True)
+    code, out, err = run_main(capsys, *common(tiny), "--adapter_path", f"zero={zero}", "--with_base")
+    assert code == 0, err
+    warned = [line for line in err.splitlines() if "every LoRA B weight is zero" in line]
+    assert len(warned) == 1 and warned[0].endswith(
+        f"adapter zero ({zero}): every LoRA B weight is zero (saved before training?): it answers exactly like "
+        "the base model")
+    assert texts("gen.zero.jsonl") == texts("gen.base.jsonl")
+    assert "every LoRA B weight" not in run_main(capsys, *common(tiny, "other.jsonl"), "--adapter_path",
+                                                 tiny["adapter"])[2]
+
+
+def test_tinymodel_builds_several_adapters_on_one_base(tmp_path, capsys):
+    assert tinymodel.main([str(tmp_path / "m"), "--adapters", "a,b,c", "--own_chat_template"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines() == [f"base model: {tmp_path / 'm' / 'base'}"] + [
+        f"adapter: {tmp_path / 'm' / f'adapter-{name}'}" for name in "abc"]
+    weights = {name: (tmp_path / "m" / f"adapter-{name}" / "adapter_model.safetensors").read_bytes() for name in "abc"}
+    assert len(set(weights.values())) == 3  # each its own seed
+    assert (tmp_path / "m" / "adapter-a" / "chat_template.jinja").read_text() == tinymodel.ADAPTER_CHAT_TEMPLATE
+    with pytest.raises(SystemExit) as exc:
+        tinymodel.main([str(tmp_path / "n"), "--adapters", ","])
+    assert exc.value.code == 2 and not (tmp_path / "n").exists()

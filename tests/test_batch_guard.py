@@ -19,11 +19,13 @@ import openai
 import pytest
 
 from datagen.local_batch_server import LocalBatchServer
-from tests.test_batch_utils import KEY, api, cli, saved_ids, server, write_input, write_key  # noqa: F401 (fixtures)
-from tests.util import files_in, read_jsonl, run_script
+from tests.test_batch_utils import (KEY, api, chat_row, cli, saved_ids, server, write_input,  # noqa: F401 (fixtures)
+                                    write_key)
+from tests.util import files_in, read_jsonl, run_script, write_jsonl
 
-ALREADY = "was already submitted as batch {id} ({state}); use --check / --wait / --download, or pass --force " \
-          "to submit it again (you pay twice)"
+ALREADY = "was already submitted as batch {id} ({state}); download its results with: python batch_utils.py --wait " \
+          "--download batchinput.results.jsonl --id {id} (or --check --id), or pass --force to submit it again (you " \
+          "pay twice)"
 
 
 def ids_file_lines() -> list[str]:
@@ -61,7 +63,7 @@ def test_earlier_batch_found_in_the_recent_list_without_the_ids_file(api, cli):
     Path("last_batch_id.tok").unlink()
     again = cli("--run", "--ids_file", "other.tok")
     assert again.rc == 1 and ALREADY.format(id=batch_id, state="validating") in again.error_line
-    assert sorted(files_in(".")) == ["batchinput.jsonl", "openai.tok"]
+    assert sorted(files_in(".")) == ["batchinput.jsonl", "last_batch_id.history.jsonl", "openai.tok"]
 
 
 def test_edited_file_is_a_new_submission(api, cli):
@@ -166,6 +168,131 @@ def test_retry_of_a_retry_keeps_what_still_fails(api, cli):
     assert again.rc == 0 and "wrote 1 requests that failed or expired (1 invalid_prompt)" in again.out
     assert [line["custom_id"] for line in read_jsonl("retry2.jsonl")] == ["q1"]
     assert ids_file_lines()[0] == original and len(saved_ids()) == 2
+
+
+# --- downloaded results carry where they came from ---------------------------------------
+
+
+def sha(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def reformat(capsys, *args):
+    import reformat_results
+
+    code = reformat_results.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_judge_batch_in_the_same_folder_never_passes_for_the_answers(api, cli, capsys):
+    write_input("answers.jsonl", n=3)
+    assert cli("--run", "--file", "answers.jsonl", "--wait", "--download", "resA.jsonl").rc == 0
+    [a_id] = saved_ids()
+    write_jsonl("judge.jsonl", [chat_row(f"q{i}", f"grade answer {i}") for i in range(3)])  # the same ids
+    assert cli("--run", "--file", "judge.jsonl", "--wait", "--download", "resB.jsonl").rc == 0
+    [b_id] = saved_ids()
+    again = cli("--run", "--file", "answers.jsonl")
+    assert again.rc == 1 and again.error_line == (
+        f"batch_utils.py: error: answers.jsonl was already submitted as batch {a_id} (completed); download its "
+        f"results with: python batch_utils.py --wait --download answers.results.jsonl --id {a_id} (or --check "
+        "--id), or pass --force to submit it again (you pay twice)")
+    assert len(api.batches) == 2
+    check = cli("--check")  # acts on the last run's batch: says which input it was made from
+    assert check.rc == 0 and f"{b_id} (from judge.jsonl): completed" in check.out
+    down = cli("--download", "results.jsonl")
+    assert down.rc == 0 and f"downloading {b_id} (from judge.jsonl): completed" in down.out
+    sidecar = json.loads(Path("results.jsonl.source.json").read_text())
+    [batch] = sidecar["batches"]
+    assert batch == {"id": b_id, "status": "completed", "input_file_id": api.batches[b_id].obj["input_file_id"],
+                     "source_file": "judge.jsonl", "source_sha256": sha("judge.jsonl"), "retry_of": [],
+                     "retry_of_sha256": [], "endpoint": "/v1/chat/completions", "model": "gpt-4o-mini"}
+    assert sidecar["format"] == "datagen.batch_results/1" and sidecar["service"] == api.base_url.split("/")[2]
+    assert sidecar["downloaded"].endswith("Z")
+    before = files_in(".")
+    refused = reformat(capsys, "--input_file", "results.jsonl", "--batch_input", "answers.jsonl",
+                       "--output_file", "out.jsonl")
+    assert refused[0] == 1 and refused[2].strip() == (
+        f"reformat_results.py: error: results.jsonl: its results come from batch {b_id} (input judge.jsonl, sha256 "
+        f"{sha('judge.jsonl')[:12]}), not from --batch_input answers.jsonl (sha256 {sha('answers.jsonl')[:12]}); "
+        f"download its results with: python batch_utils.py --download answers.results.jsonl --id {a_id}")
+    assert files_in(".") == before  # no output, no failed file
+    compared = reformat(capsys, "--compare", "resA.jsonl", "resB.jsonl", "--batch_input", "answers.jsonl",
+                        "--output_file", "table.csv")
+    assert compared[0] == 1 and f"resB.jsonl: its results come from batch {b_id} (input judge.jsonl" in compared[2]
+    assert files_in(".") == before
+    assert cli("--download", "answers.results.jsonl", "--id", a_id).rc == 0  # the hint, as printed
+    code, out, err = reformat(capsys, "--input_file", "answers.results.jsonl", "--batch_input", "answers.jsonl",
+                              "--output_file", "out.jsonl")
+    assert code == 0 and "3 ok, 0 failed, 0 missing" in out and "cannot check" not in err
+    assert [line["generated_text"] for line in read_jsonl("out.jsonl")] == [f"echo: question q{i}" for i in range(3)]
+
+
+def test_results_without_a_sidecar_are_accepted_with_a_warning(api, cli, capsys):
+    write_input(n=2)
+    assert cli("--run", "--wait", "--download", "results.jsonl").rc == 0
+    Path("elsewhere.jsonl").write_bytes(Path("results.jsonl").read_bytes())
+    code, out, err = reformat(capsys, "--input_file", "elsewhere.jsonl", "--batch_input", "batchinput.jsonl")
+    assert code == 0 and "2 ok, 0 failed, 0 missing" in out
+    assert "elsewhere.jsonl has no elsewhere.jsonl.source.json beside it (downloaded elsewhere?): cannot check " \
+           "that it answers --batch_input batchinput.jsonl" in err
+
+
+def test_retry_results_belong_to_the_original_input(api, cli, capsys):
+    write_input(n=6)
+    assert cli("--run").rc == 0
+    [original] = saved_ids()
+    api.step(original, 2)
+    api.expire(original)  # q0-q2 answered, q3-q5 expired
+    assert cli("--wait").rc == 4
+    assert cli("--retry_failed", "retry.jsonl").rc == 0
+    assert cli("--run", "--file", "retry.jsonl", "--wait", "--download", "retried.jsonl").rc == 0
+    [retried] = [i for i in saved_ids() if i != original]
+    [batch] = json.loads(Path("retried.jsonl.source.json").read_text())["batches"]
+    assert (batch["id"], batch["source_file"], batch["retry_of"], batch["retry_of_sha256"]) == \
+        (retried, "retry.jsonl", [original], [sha("batchinput.jsonl")])
+    code, out, _ = reformat(capsys, "--input_file", "retried.jsonl", "--batch_input", "batchinput.jsonl",
+                            "--allow_partial")
+    assert code == 0 and "3 ok, 0 failed, 3 missing" in out
+    assert cli("--download", "all.jsonl").rc == 0  # the original and the retry
+    code, out, _ = reformat(capsys, "--input_file", "all.jsonl", "--batch_input", "batchinput.jsonl",
+                            "--output_file", "all.out.jsonl")
+    assert code == 0 and "6 ok, 0 failed, 0 missing" in out
+    write_input("other.jsonl", n=6, prefix="q")  # another input with the same ids is still refused
+    Path("other.jsonl").write_text(Path("other.jsonl").read_text().replace("question", "grade"))
+    code, _, err = reformat(capsys, "--input_file", "all.jsonl", "--batch_input", "other.jsonl",
+                            "--output_file", "x.jsonl")
+    assert code == 1 and f"all.jsonl: its results come from batch {original} (input batchinput.jsonl" in err
+    assert "pass the --batch_input these results answer" in err and not Path("x.jsonl").exists()
+
+
+def test_a_retry_of_a_retry_leads_back_to_the_original_input(api, cli, capsys):
+    write_input(n=6)
+    assert cli("--run").rc == 0
+    [original] = saved_ids()
+    api.expire(original)  # nothing answered
+    assert cli("--wait").rc == 4 and cli("--retry_failed", "retry.jsonl").rc == 0
+    assert cli("--run", "--file", "retry.jsonl").rc == 0
+    [first_retry] = [i for i in saved_ids() if i != original]
+    api.step(first_retry, 2)
+    api.expire(first_retry)  # some answered, the rest expired
+    assert cli("--wait").rc == 4 and cli("--retry_failed", "retry2.jsonl").rc == 0
+    assert Path("retry2.jsonl").read_bytes() != Path("retry.jsonl").read_bytes()
+    assert cli("--run", "--file", "retry2.jsonl", "--wait", "--download", "r2.jsonl").rc == 0
+    [batch] = json.loads(Path("r2.jsonl.source.json").read_text())["batches"]
+    assert batch["source_file"] == "retry2.jsonl" and batch["retry_of"] == [original, first_retry]
+    assert batch["retry_of_sha256"] == [sha("batchinput.jsonl")]
+    code, out, err = reformat(capsys, "--input_file", "r2.jsonl", "--batch_input", "batchinput.jsonl",
+                              "--allow_partial")
+    assert code == 0 and "0 failed" in out and "cannot check" not in err
+
+
+def test_a_failed_download_leaves_no_sidecar(api, cli):
+    write_input(n=3)
+    assert cli("--run", "--wait").rc == 0
+    api.drop_downloads(count=99, after_bytes=10)
+    result = cli("--download", "results.jsonl", "--max_retries", "0")
+    assert result.rc == 1 and not [n for n in files_in(".") if n.startswith("results") or n.endswith(".tmp")]
 
 
 # --- key and state files ----------------------------------------------------------------
@@ -349,7 +476,8 @@ def test_failed_download_leaves_no_temporary_file(api, cli):
     api.inject(500, count=10, method="GET", path="/content$", skip=1)  # the output comes, the errors fail
     result = cli("--download", "results.jsonl", "--max_retries", "0")
     assert result.rc == 1 and "downloading the errors of batch_" in result.error_line
-    assert sorted(files_in(".")) == ["batchinput.jsonl", "last_batch_id.manifest.json", "last_batch_id.tok", "openai.tok"]
+    assert sorted(files_in(".")) == ["batchinput.jsonl", "last_batch_id.history.jsonl", "last_batch_id.manifest.json", "last_batch_id.tok",
+                                     "openai.tok"]
 
 
 # --- the ids file is replaced atomically -------------------------------------------------

@@ -108,7 +108,7 @@ def test_twelve_parts_through_a_limit_of_three(limited, cli):
     saved = Path("last_batch_id.tok").read_text().split()
     assert saved == [p["batches"][-1] for p in state["parts"]]
     assert sorted(files_in(".")) == sorted([*part_names(), MANIFEST, "last_batch_id.tok", "openai.tok",
-                                            "results.jsonl"])
+                                            "last_batch_id.history.jsonl", "results.jsonl", "results.jsonl.source.json"])
     again = cli(*COMMAND)  # nothing is submitted or downloaded twice
     assert again.rc == 0 and "nothing to do" in again.out
     assert len(limited.batches) == sum(sum(s.values()) for s in statuses.values())
@@ -301,7 +301,7 @@ def test_a_torn_manifest_is_rebuilt_from_the_api(limited, cli):
     (("--run", "--max_enqueued_tokens", "10"), "--max_enqueued_tokens goes with --run --wait (the queue)"),
     (("--wait", "--max_cost", "1"), "--max_cost goes with --run"),
     ((*COMMAND, "--max_enqueued_tokens", "0"), "--max_enqueued_tokens must be at least 1"),
-    ((*COMMAND, "--input_price", "-1"), "--input_price must be 0 or more"),
+    ((*COMMAND, "--input_price", "-1"), "argument --input_price/--input-price: -1 is out of range; give a number of 0 or more"),
 ])
 def test_queue_flag_misuse_is_a_usage_error(limited, cli, args, message):
     result = cli(*args)

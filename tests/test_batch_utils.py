@@ -115,8 +115,9 @@ def test_run_wait_download_in_one_command(api, cli):
         f"q{i}": f"echo: question q{i}" for i in range(10) if i not in (3, 7)}
     errors = by_id("results.jsonl.errors.jsonl")
     assert errors["q3"]["response"]["status_code"] == 400 and errors["q7"]["error"]["code"] == "request_timeout"
-    assert sorted(files_in(".")) == ["batchinput.jsonl", "last_batch_id.manifest.json", "last_batch_id.tok", "openai.tok", "results.jsonl",
-                                     "results.jsonl.errors.jsonl"]
+    assert sorted(files_in(".")) == ["batchinput.jsonl", "last_batch_id.history.jsonl", "last_batch_id.manifest.json",
+                                     "last_batch_id.tok", "openai.tok", "results.jsonl", "results.jsonl.errors.jsonl",
+                                     "results.jsonl.source.json"]
     digest = hashlib.sha256(Path("batchinput.jsonl").read_bytes()).hexdigest()
     assert api.batches[batch_id].obj["metadata"] == {"source_file": "batchinput.jsonl", "source_sha256": digest,
                                                      "description": "eval v2"}
@@ -127,14 +128,14 @@ def test_separate_commands_and_check(api, cli):
     assert cli("--run").rc == 0
     [batch_id] = saved_ids()
     check = cli("--check")
-    assert check.rc == 0 and check.out.startswith(f"{batch_id}: in_progress")
+    assert check.rc == 0 and check.out.startswith(f"{batch_id} (from batchinput.jsonl): in_progress")
     assert "requests: 4 total, 0 completed, 0 failed" in check.out and "expires" in check.out
     raw = cli("--check", "--json")
     [obj] = [json.loads(line) for line in raw.out.splitlines()]
     assert obj["id"] == batch_id and obj["status"] == "in_progress" and obj["request_counts"]["total"] == 4
     assert cli("--wait").rc == 0
     done = cli("--check", "--id", batch_id)
-    assert f"{batch_id}: completed" in done.out and "requests: 4 total, 4 completed, 0 failed" in done.out
+    assert f"{batch_id} (from batchinput.jsonl): completed" in done.out and "requests: 4 total, 4 completed, 0 failed" in done.out
     assert "files: input file-" in done.out and "errors -" in done.out
     result = cli("--download", "results.jsonl")
     assert result.rc == 0 and "saved 4 output lines" in result.out and "no failed requests" in result.out
@@ -214,9 +215,9 @@ def test_multi_part_run_check_wait_download(api, cli):
     assert len(ids) == 3 and [api.batches[i].obj["metadata"]["source_file"] for i in ids] == [
         f"batchinput.part-00{n}.jsonl" for n in (1, 2, 3)]
     check = cli("--check")
-    assert [line.split(":")[0] for line in check.out.splitlines() if line.startswith("batch_")] == ids
+    assert [line.split(" ")[0] for line in check.out.splitlines() if line.startswith("batch_")] == ids
     some = cli("--check", "--id", f"{ids[2]},{ids[0]}")
-    assert [line.split(":")[0] for line in some.out.splitlines() if line.startswith("batch_")] == [ids[2], ids[0]]
+    assert [line.split(" ")[0] for line in some.out.splitlines() if line.startswith("batch_")] == [ids[2], ids[0]]
     assert cli("--wait").rc == 0
     result = cli("--download", "results.jsonl")
     assert result.rc == 0 and "saved 9 output lines to results.jsonl (from 3 batches)" in result.out
@@ -244,7 +245,7 @@ def test_expired_batch_keeps_finished_requests_and_retry_failed(api, cli):
     api.step(batch_id, 2)  # validated, first half answered
     api.expire(batch_id)
     wait = cli("--wait")
-    assert wait.rc == 4 and f"{batch_id}: expired (3 completed, 3 failed of 6)" in wait.out
+    assert wait.rc == 4 and f"{batch_id} (from batchinput.jsonl): expired (3 completed, 3 failed of 6)" in wait.out
     result = cli("--download", "results.jsonl")
     assert result.rc == 0 and "saved 3 failed requests to results.jsonl.errors.jsonl (3 batch_expired)" in result.out
     assert set(by_id("results.jsonl")) == {"q0", "q1", "q2"}
@@ -416,7 +417,7 @@ def test_download_while_in_progress(api, cli):
     result = cli("--download", "results.jsonl")
     assert result.rc == 1
     assert "is in_progress (2/4 requests done); nothing to download yet: wait for it with --wait" in result.error_line
-    assert sorted(files_in(".")) == ["batchinput.jsonl", "last_batch_id.tok", "openai.tok"]
+    assert sorted(files_in(".")) == ["batchinput.jsonl", "last_batch_id.history.jsonl", "last_batch_id.tok", "openai.tok"]
 
 
 @pytest.mark.parametrize("lines, message", [
@@ -471,6 +472,98 @@ def test_bad_usage_exits_2(cli, args, message, capsys):
     assert result.rc == 2 and message in result.err
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--run", "--max_cost", "nan", "--input_price", "1", "--output_price", "1"],
+     "argument --max_cost/--max-cost: nan is not a finite number; give a number of 0 or more"),
+    (["--run", "--wait", "--max_cost", "5", "--input_price", "nan", "--output_price", "1"],
+     "argument --input_price/--input-price: nan is not a finite number; give a number of 0 or more"),
+    (["--run", "--max_cost", "5", "--input_price", "1", "--output_price", "inf"],
+     "argument --output_price/--output-price: inf is not a finite number; give a number of 0 or more"),
+    (["--run", "--max_cost=-inf", "--input_price", "1", "--output_price", "1"],
+     "argument --max_cost/--max-cost: -inf is not a finite number; give a number of 0 or more"),
+    (["--wait", "--poll_interval", "NaN"], "argument --poll_interval/--poll-interval: NaN is not a finite number"),
+    (["--run", "--max_cost", "1e400"], "argument --max_cost/--max-cost: 1e400 is not a finite number"),
+])
+def test_numbers_that_are_not_numbers_are_refused_before_any_upload(api, cli, args, message):
+    write_input(n=2, special=None)
+    result = cli(*args)
+    assert result.rc == 2 and f"batch_utils.py: error: {message}" in result.err
+    assert api.hits == [] and sorted(files_in(".")) == ["batchinput.jsonl", "openai.tok"]
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("create_batchinput.py", ["--input_file", "p.jsonl", "--model_name", "m", "--dry_run", "--input_price", "nan"],
+     "argument --input_price/--input-price: nan is not a finite number"),
+    ("generate_data_finetuned.py", ["--model_name_or_path", "m", "--input_file", "p.jsonl",
+                                    "--gpu_memory_utilization", "nan"],
+     "argument --gpu_memory_utilization/--gpu-memory-utilization: nan is not a finite number; give a number from "
+     "0.01 to 1"),
+])
+def test_every_script_refuses_non_finite_float_flags(capsys, script, args, message):
+    import importlib
+
+    module = importlib.import_module(script[:-3])
+    with pytest.raises(SystemExit) as exit_info:
+        module.build_parser().parse_args(args)
+    assert exit_info.value.code == 2 and f"{script}: error: {message}" in capsys.readouterr().err
+
+
+def test_local_stand_in_refuses_a_non_finite_step(capsys):
+    from datagen.local_batch_server import main as server_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        server_main(["--step_seconds", "nan"])
+    assert exit_info.value.code == 2 and "argument --step_seconds/--step-seconds: nan is not a finite number" in \
+        capsys.readouterr().err
+
+
+def test_cost_guard_never_passes_a_nan_estimate():
+    from datagen.batch_queue import Part, check_cost
+    from datagen.errors import UserError
+
+    parts = [Part("a.jsonl", "0" * 64, 1, 10, 10, "m", CHAT)]
+    with pytest.raises(UserError, match="give finite prices and cap"):
+        check_cost(parts, 1.0, float("nan"), 1.0)
+    with pytest.raises(UserError, match="give finite prices and cap"):
+        check_cost(parts, float("nan"), 1.0, 1.0)
+    check_cost(parts, 1.0, 1.0, 1.0)  # 20 tokens at $1 per 1M: under the cap
+
+
+def test_cost_cap_holds_on_text_that_is_not_english(api, cli):
+    """chars / 4 would estimate 1,000 CJK characters at 250 tokens, a quarter of the bill."""
+    from datagen.batchfile import input_tokens
+
+    assert input_tokens({"prompt": "abcd" * 10}) == 10 and input_tokens({"prompt": "日本語の文章"}) == 6
+    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    assert input_tokens({"prompt": "abcd", "response_format": schema}) == -(-(4 + len(json.dumps(schema))) // 4)
+    row = chat_row("a", "語" * 1000)
+    row["body"]["max_completion_tokens"] = 1
+    write_jsonl("batchinput.jsonl", [row])
+    result = cli("--run", "--max_cost", "0.5", "--input_price", "1000", "--output_price", "1000")  # $0.001 a token
+    assert result.rc == 1 and "over --max_cost $0.5000; nothing was submitted" in result.error_line
+    assert api.hits == []
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("questions.csv", "id,prompt\na,hi\n",
+     "questions.csv is a prompts file, not a batch input (OpenAI request lines); make one with: python "
+     "create_batchinput.py --input_file questions.csv --model_name MODEL --output_file batchinput.jsonl"),
+    ("questions.parquet", "not really parquet", "questions.parquet is a prompts file, not a batch input"),
+    ("questions.jsonl", '{"id": "a", "prompt": "hi"}\n',
+     "questions.jsonl is a prompts file, not a batch input (OpenAI request lines); make one with: python "
+     "create_batchinput.py --input_file questions.jsonl --model_name MODEL --output_file batchinput.jsonl"),
+    ("results.jsonl", '{"id": "batch_req_1", "custom_id": "a", "response": {"status_code": 200, "body": {}}, '
+                      '"error": null}\n',
+     "results.jsonl is an OpenAI results file (Batch API output lines), not a batch input; reformat it with: "
+     "python reformat_results.py --input_file results.jsonl --batch_input BATCHINPUT.jsonl"),
+])
+def test_run_on_a_file_that_is_not_a_batch_input_says_what_it_is(api, cli, name, content, message):
+    Path(name).write_text(content)
+    result = cli("--run", "--file", name)
+    assert result.rc == 1 and message in result.error_line
+    assert api.hits == [] and sorted(files_in(".")) == sorted([name, "openai.tok"])
+
+
 # --- faults survived ------------------------------------------------------------------
 
 
@@ -521,7 +614,8 @@ def test_dropped_download_leaves_nothing_and_a_rerun_completes(api, cli):
     assert result.rc == 1
     assert "the connection dropped after" in result.error_line
     assert "nothing was saved; rerun the same command to download it again" in result.error_line
-    assert sorted(files_in(".")) == ["batchinput.jsonl", "last_batch_id.manifest.json", "last_batch_id.tok", "openai.tok"]
+    assert sorted(files_in(".")) == ["batchinput.jsonl", "last_batch_id.history.jsonl", "last_batch_id.manifest.json", "last_batch_id.tok",
+                                     "openai.tok"]
     rerun = cli("--download", "results.jsonl", "--max_retries", "0")
     assert rerun.rc == 0 and len(read_jsonl("results.jsonl")) == 19
     assert len(read_jsonl("results.jsonl.errors.jsonl")) == 1
@@ -544,7 +638,8 @@ def test_download_errors_after_the_sdk_retries_are_one_line(api, cli):
     result = cli("--download", "results.jsonl", "--max_retries", "1")
     assert result.rc == 1 and "downloading the output of batch_" in result.error_line
     assert "the server failed (500) after 1 retries" in result.error_line
-    assert sorted(files_in(".")) == ["batchinput.jsonl", "last_batch_id.manifest.json", "last_batch_id.tok", "openai.tok"]
+    assert sorted(files_in(".")) == ["batchinput.jsonl", "last_batch_id.history.jsonl", "last_batch_id.manifest.json", "last_batch_id.tok",
+                                     "openai.tok"]
 
 
 def test_download_never_overwrites_the_input_or_state_files(api, cli):

@@ -126,18 +126,21 @@ def test_long_table_has_a_row_per_request_run_and_sample(tmp_path, capsys):
     assert [r["prompt"] for r in rows[:4]] == [[{"role": "user", "content": "Question request-0?"}]] * 4
 
 
-def test_csv_table_with_kept_fields_and_unique_names(tmp_path, capsys):
-    """Two runs of one model get unique names; kept fields come from the prompts file."""
+def test_csv_table_with_kept_fields_and_names_given(tmp_path, capsys):
+    """Two runs of one model must be named (NAME=PATH); kept fields come from the prompts file."""
     write_jsonl("prompts.jsonl", [{"qid": "x", "prompt": "X?", "gold": 1}, {"qid": "y", "prompt": "Y?", "gold": "2"}])
     write_jsonl("one.jsonl", [ok_line("x", chat_body("one x")), ok_line("y", chat_body("one y"))])
     write_jsonl("two.jsonl", [ok_line("y", chat_body("two y")), http_error_line("x")])
-    code, _, err = run(capsys, "--compare", "one.jsonl", "two.jsonl", "--prompts_file", "prompts.jsonl",
-                       "--id_field", "qid", "--keep_fields", "gold", "--output_file", "t.csv")
+    args = ["--prompts_file", "prompts.jsonl", "--id_field", "qid", "--keep_fields", "gold", "--output_file", "t.csv"]
+    assert _bad(tmp_path, capsys, ["--compare", "one.jsonl", "two.jsonl", *args]).endswith(
+        f"2 runs are named {GPT!r} (one.jsonl; two.jsonl); give each its own name: "
+        "--compare A=one.jsonl B=two.jsonl (NAME=PATH)")
+    code, _, err = run(capsys, "--compare", "one=one.jsonl", "two=two.jsonl", *args)
     assert code == 0, err
     with open("t.csv", newline="", encoding="utf-8") as handle:
         rows = list(csv.reader(handle))
     assert rows == [
-        ["id", "prompt", "gold", GPT, f"{GPT}.status", f"{GPT} (two)", f"{GPT} (two).status"],
+        ["id", "prompt", "gold", "one", "one.status", "two", "two.status"],
         ["x", '[{"role":"user","content":"X?"}]', "1", "one x", "ok", "", "failed"],
         ["y", '[{"role":"user","content":"Y?"}]', "2", "one y", "ok", "two y", "ok"]]
 

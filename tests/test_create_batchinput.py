@@ -188,7 +188,7 @@ def test_dry_run_prints_counts_tokens_and_cost_and_writes_nothing(tmp_path, caps
     tokens = create_batchinput.approx_tokens({"messages": [{"role": "user", "content": "prompt number 0"}]})
     assert tokens == -(-(len("prompt number 0") + 16) // 4)
     assert f"total: 10 requests in 3 file(s), about {10 * tokens} input tokens" in out
-    assert "output: at most 2,000 tokens (100 x 2 per request)" in out
+    assert "output: at most 2,000 output tokens (the cap: --max_tokens 100 x n 2 per request)" in out
     assert "estimated cost: $0.0000 input + at most $0.0012 output = at most $0.0012" in out
 
 
@@ -331,7 +331,9 @@ BAD_BODIES = {
                                 "(and {{ }} for literal braces)"),
     "conversion in template": (["--prompt_template", "{q!r}"], '{"q": "a"}\n', "--prompt_template field {q!r} has a conversion"),
     "positional template": (["--prompt_template", "Q: {}"], '{"q": "a"}\n', "--prompt_template field {} is positional"),
-    "index in template": (["--prompt_template", "{q[0]}"], '{"q": "a"}\n', "--prompt_template field {q[0]} reads an attribute"),
+    "dotted name not a column": (["--prompt_template", "{q.status}"], '{"q": "a"}\n',
+                                 "in.jsonl:1 (row 0): --prompt_template placeholder {q.status} is not a field of this "
+                                 "row; the row has fields: q"),
 }
 
 

@@ -2,8 +2,10 @@
 
 import csv
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.util import ROOT, read_jsonl
 
@@ -29,10 +31,12 @@ def test_demo_runs_both_routes_end_to_end(tmp_path):
     assert all(r["adapter"] for r in finetuned_rows)
     out = result.stdout
     assert "LOCAL STAND-IN" in out
-    assert "$ python create_batchinput.py" in out and "$ python generate_data_finetuned.py" in out
+    # Each command is printed with the interpreter that runs it, relative to the repo root.
+    python = os.path.relpath(sys.executable, ROOT) if Path(sys.executable).is_relative_to(ROOT) else sys.executable
+    assert f"$ {python} create_batchinput.py" in out and f"$ {python} generate_data_finetuned.py" in out
     assert "summary" in out and f"-> {work}/batchinput.jsonl: {len(ids)} requests" in out
     # The demo ends with the --compare table: a row per request, a text and status column per run.
-    assert "$ python reformat_results.py --compare" in out
+    compare_line = next(line for line in out.splitlines() if line.startswith(f"$ {python} reformat_results.py --compare"))
     with open(work / "compare.csv", newline="", encoding="utf-8") as handle:
         table = list(csv.DictReader(handle))
     assert [row["id"] for row in table] == ids
@@ -44,3 +48,10 @@ def test_demo_runs_both_routes_end_to_end(tmp_path):
     assert {row[f"{adapter_name}.status"] for row in table} == {"ok"}
     shown = out[out.index("both routes side by side"):out.index("summary")]
     assert all(i[:16] in shown for i in ids)
+    # A printed line runs as printed from the repository root, in a plain shell.
+    (work / "compare.csv").unlink()
+    again = subprocess.run(compare_line[2:], shell=True, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           env={k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")})
+    assert again.returncode == 0, again.stderr
+    with open(work / "compare.csv", newline="", encoding="utf-8") as handle:
+        assert list(csv.DictReader(handle)) == table

@@ -45,7 +45,14 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm-models")
     base = tinymodel.build_tiny_model(root / "base", seed=0, hidden=HIDDEN, layers=LAYERS)
     return {"base": base, "a": tinymodel.build_tiny_adapter(base, root / "a", seed=1),
-            "b": tinymodel.build_tiny_adapter(base, root / "b", seed=2)}
+            "b": tinymodel.build_tiny_adapter(base, root / "b", seed=2),
+            # a's weights, saved with a tokenizer of its own chat template
+            "own": tinymodel.build_tiny_adapter(base, root / "own", seed=1,
+                                                chat_template=tinymodel.ADAPTER_CHAT_TEMPLATE)}
+
+
+def adapters_of(models) -> dict:
+    return {name: str(models[name]) for name in ("a", "b", "own")}
 
 
 @pytest.fixture(scope="module")
@@ -53,16 +60,14 @@ def vllm_engine(models):
     with pytest.MonkeyPatch.context() as patch:
         for name, value in {**cpu_settings(), "HF_HUB_OFFLINE": "1"}.items():
             patch.setenv(name, value)
-        engine = engine_vllm.VLLMEngine(str(models["base"]), {"a": str(models["a"]), "b": str(models["b"])},
-                                        dtype="float32", max_model_len=CONTEXT, with_base=True)
+        engine = engine_vllm.VLLMEngine(str(models["base"]), adapters_of(models), dtype="float32", max_model_len=CONTEXT, with_base=True)
         yield engine
         engine.close()
 
 
 @pytest.fixture(scope="module")
 def hf_engine(models):
-    loaded = hf_model.load_model(str(models["base"]), {"a": str(models["a"]), "b": str(models["b"])},
-                                 dtype="float32")
+    loaded = hf_model.load_model(str(models["base"]), adapters_of(models), dtype="float32")
     return engine_hf.HFEngine(loaded)
 
 
@@ -93,7 +98,7 @@ def assert_same(vllm_samples, hf_samples):
 
 def test_attributes(vllm_engine, models):
     assert vllm_engine.name == "vllm"
-    assert vllm_engine.adapters == ["a", "b", None]
+    assert vllm_engine.adapters == ["a", "b", "own", None]
     assert vllm_engine.context_length == CONTEXT
     prov = vllm_engine.provenance("a")
     assert prov.adapter == str(models["a"]) and prov.adapter_sha256 and prov.model_sha256
@@ -201,6 +206,33 @@ def requests_for(tokenizer, count: int) -> list[inputs.Request]:
 
 def read(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_an_adapter_with_its_own_chat_template_on_both_engines(vllm_engine, hf_engine, models, tmp_path):
+    """The adapter's template renders its prompts and its tokenizer decodes its answers, on
+    both engines alike: the same token ids in, the same answers out."""
+    from datagen import records
+
+    texts = [" ".join(WORDS[i:i + 6]) for i in range(4)]
+    conversations = [inputs.Request(f"c{i}", i, f"prompts.jsonl:{i + 1}", messages=[{"role": "user", "content": t}])
+                     for i, t in enumerate(texts)]
+    made = {}
+    for name, engine in (("vllm", vllm_engine), ("hf", hf_engine)):
+        outputs = {"own": tmp_path / f"{name}.own.jsonl", "a": tmp_path / f"{name}.a.jsonl"}
+        generation.run_generation(engine, conversations, outputs, inputs.Overrides(temperature=0, max_new_tokens=8),
+                                  4, show_progress=False)
+        made[name] = {adapter: read(path) for adapter, path in outputs.items()}
+    tokenizer = vllm_engine.tokenizer_for("own")
+    assert tokenizer is not vllm_engine.tokenizer and tokenizer.chat_template == tinymodel.ADAPTER_CHAT_TEMPLATE
+    for i, text in enumerate(texts):
+        by_hand = tokenizer(f"### user:\n{text}\n### assistant:\n", add_special_tokens=False)["input_ids"]
+        for name in ("vllm", "hf"):
+            own, plain = made[name]["own"][i], made[name]["a"][i]
+            assert own["fingerprint"]["input"] == records.input_digest(by_hand) != plain["fingerprint"]["input"]
+            assert own["prompt_tokens"] == len(by_hand) and own["run"] == "own"
+    for adapter in ("own", "a"):
+        assert [r["generated_text"] for r in made["vllm"][adapter]] == [r["generated_text"] for r in made["hf"][adapter]]
+    assert [r["generated_text"] for r in made["vllm"]["own"]] != [r["generated_text"] for r in made["vllm"]["a"]]
 
 
 def test_run_generation_writes_every_id_once_per_output(vllm_engine, tmp_path):

@@ -23,7 +23,7 @@ from datagen import engine, engine_hf, generation, hf_model, inputs, records, ti
 from datagen.errors import UserError
 from tests.util import ROOT, read_jsonl, write_jsonl
 
-RECORD_KEYS = {"custom_id", "generated_text", "finish_reason", "prompt_tokens", "completion_tokens", "source",
+RECORD_KEYS = {"custom_id", "generated_text", "finish_reason", "prompt_tokens", "completion_tokens", "source", "run",
                "model", "model_sha256", "adapter", "adapter_sha256", "engine", "generation", "fingerprint", "created"}
 WORDS = ("the capital of france is paris and what is seven plus five write a haiku about autumn "
          "leaves river mountain blue sky question answer model data").split()
@@ -445,9 +445,14 @@ def test_cli_prompts_file_then_rerun_skips_done(tiny, capsys):
     first = read_jsonl("gen.jsonl")
     assert [r["custom_id"] for r in first] == [f"p{i}" for i in range(12)]
     assert first[0]["model"] == str(tiny["base"]) and first[0]["adapter"] == str(tiny["adapter"])
+    assert first[0]["run"] == "adapter"  # the adapter folder's name (no NAME= given)
+    assert "run adapter: tokenizer and chat template from" in err and "loading the base model" in err
     code, out, err = run_main(capsys, *args)
-    assert code == 0 and "0 generated, 12 already there" in out
+    # Nothing left to do: one line, exit 0, decided before the model loads.
+    assert code == 0 and out.splitlines() == [
+        "nothing to do: all 12 requests are already in gen.jsonl, made as this run would make them"]
     assert "12 of 12 requests already in gen.jsonl" in err
+    assert "loading the base model" not in err and "engine hf" not in err
     assert read_jsonl("gen.jsonl") == first
 
 
@@ -503,7 +508,7 @@ def test_shards_partition_the_input(tiny, capsys, monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
     monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")
     code, out, err = run_main(capsys, *common)
-    assert code == 0 and "gen.shard-001-of-003.jsonl: 0 generated, 3 already there" in out
+    assert code == 0 and "nothing to do: all 3 requests are already in gen.shard-001-of-003.jsonl" in out
 
 
 def test_shard_helpers():
@@ -555,6 +560,7 @@ def test_second_run_on_same_output_is_refused(tiny, capsys):
         code, _, err = run_main(capsys, "--model_name_or_path", tiny["base"], "--input_file", "prompts.jsonl",
                                 "--output_file", "gen.jsonl", "--max_new_tokens", "2")
     assert code == 1 and "being written by another run" in error_line(err)
+    assert "loading the base model" not in err and not Path("gen.jsonl").exists()  # refused before loading
 
 
 # --- bad input: one line, exit 1 ------------------------------------------------------
@@ -752,3 +758,55 @@ def test_qwen2_tiny_model_generates(tmp_path, capsys):
                             "--output_file", "out.jsonl", "--max_new_tokens", "4")
     assert code == 0, err
     assert len(texts("out.jsonl")) == 3
+
+
+# --- names that look like paths, hub ids offline, answers files as input ------------------------
+
+
+@pytest.mark.parametrize("name", ["./ckpt/final", "../ckpt", "/no/such/ckpt", "~/no-such-ckpt-xyz", "ckpt/final/x",
+                                  "runs/final"])
+def test_a_missing_local_path_is_one_line_at_once(tiny, capsys, name):
+    write_prompts(count=2)
+    Path("runs").mkdir()  # "runs/final": its first part exists here, so it is a path, not a hub id
+    code, out, err = run_main(capsys, "--model_name_or_path", name, "--input_file", "prompts.jsonl",
+                              "--output_file", "gen.jsonl")
+    assert code == 1 and error_line(err) == (f"generate_data_finetuned.py: error: --model_name_or_path {name}: "
+                                             "no such folder; check the path")
+    code, out, err = run_main(capsys, "--model_name_or_path", tiny["base"], "--adapter_path", f"a={name}",
+                              "--input_file", "prompts.jsonl", "--output_file", "gen.jsonl")
+    assert code == 1 and f"--adapter_path {name}: no such folder" in error_line(err)
+    assert "loading" not in err and not Path("gen.jsonl").exists()
+
+
+def test_a_hub_id_not_in_the_cache_offline_is_one_line(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    write_prompts(count=2)
+    code, out, err = run_main(capsys, "--model_name_or_path", "some-org/some-model", "--input_file", "prompts.jsonl",
+                              "--output_file", "gen.jsonl")
+    assert code == 1 and error_line(err) == (
+        "generate_data_finetuned.py: error: --model_name_or_path some-org/some-model: not in the local Hugging Face "
+        f"cache ({tmp_path / 'hf-home' / 'hub'}) and the hub is offline (HF_HUB_OFFLINE=1); download it on a node "
+        "with network (hf download some-org/some-model), or set HF_HOME to the cache that holds it")
+    assert not Path("gen.jsonl").exists()
+
+
+@pytest.mark.parametrize("kind, line, said", [
+    ("openai", {"id": "batch_req_1", "custom_id": "p0", "response": {"status_code": 200, "body": {}}, "error": None},
+     "an OpenAI Batch API results file (answers, not prompts): reformat_results.py --source_type openai "
+     "--input_file results.jsonl takes it"),
+    ("finetuned", {"custom_id": "p0", "generated_text": "x", "source": "finetuned", "fingerprint": {}},
+     "a fine-tuned generations file (answers, not prompts): reformat_results.py --source_type finetuned "
+     "--input_file results.jsonl takes it"),
+    ("reformatted", {"id": "p0", "generated_text": "x", "source": "openai", "run": "gpt-4o-mini"},
+     "a reformatted results file (answers, not prompts): reformat_results.py --compare results.jsonl takes it"),
+])
+def test_an_answers_file_as_input_says_what_it_is(tiny, capsys, kind, line, said):
+    write_jsonl("results.jsonl", [line])
+    code, out, err = run_main(capsys, "--model_name_or_path", tiny["base"], "--input_file", "results.jsonl",
+                              "--output_file", "gen.jsonl")
+    assert code == 1 and error_line(err) == (f"generate_data_finetuned.py: error: results.jsonl: {said}; give "
+                                             "--input_file the prompts file or the batch input (batchinput.jsonl) "
+                                             "the answers were made from")
+    assert not Path("gen.jsonl").exists()

@@ -96,6 +96,19 @@ def test_pip_install_gives_the_package_and_commands_that_work_anywhere(tmp_path)
     built = command(bin_dir, "python", "-m", "datagen.tinymodel", "tiny", "--no_adapter", cwd=elsewhere)
     assert built.returncode == 0, built.stderr
     assert (elsewhere / "tiny" / "base" / "config.json").is_file()
+    for name in ("datagen.tinymodel", "create_batchinput", "reformat_results"):
+        shown = command(bin_dir, "python", "-m", name, "--help", cwd=elsewhere)
+        assert shown.returncode == 0 and "usage:" in shown.stdout, (name, shown.stderr)
+    shown = command(bin_dir, "datagen-tinymodel", "--help", cwd=elsewhere)
+    assert shown.returncode == 0 and "usage: python -m datagen.tinymodel" in shown.stdout
+    # The demo needs the clone (examples/ and the scripts there): one line that says so.
+    demo = command(bin_dir, "python", "-m", "datagen.demo", cwd=elsewhere)
+    assert demo.returncode == 1 and demo.stdout == ""
+    assert demo.stderr.startswith("python -m datagen.demo: error: no examples/prompts.jsonl beside the datagen "
+                                  "package (") and demo.stderr.endswith("the demo runs from a clone of the "
+                                                                        "repository: make demo there\n")
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["batchinput.jsonl", "out.failed.jsonl", "out.jsonl",
+                                                            "prompts.jsonl", "results.jsonl", "tiny"]
 
 
 @pytest.mark.slow
@@ -112,3 +125,42 @@ def test_editable_install_runs_the_source_folder(tmp_path):
                                                              source / "reformat_results.py"]
     shown = command(bin_dir, "datagen-reformat-results", "--help", cwd=elsewhere)
     assert shown.returncode == 0 and "--compare" in shown.stdout, shown.stderr
+
+
+# --- a Python without the requirements: one line naming the set-up command -----------------
+
+MISSING = [  # (how it is run, its arguments, the packages it may miss first)
+    ("create_batchinput.py", ["--input_file", "prompts.jsonl", "--model_name", "gpt-4o-mini"], ["tqdm"]),
+    ("batch_utils.py", [], ["openai"]),
+    ("reformat_results.py", ["--input_file", "results.jsonl", "--output_file", "out.jsonl"], ["tqdm"]),
+    ("generate_data_finetuned.py", ["--model_name_or_path", "tiny", "--input_file", "prompts.jsonl",
+                                    "--output_file", "gen.jsonl"], ["transformers", "huggingface_hub", "torch"]),
+    ("-m datagen.tinymodel", ["tiny"], ["transformers"]),
+    ("-m datagen.demo", ["--workdir", "demo"], ["openai"]),
+]
+
+
+@pytest.fixture(scope="module")
+def bare_python(tmp_path_factory) -> Path:
+    """A fresh virtual environment with nothing installed, like a system python."""
+    folder = tmp_path_factory.mktemp("bare") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True, timeout=120)
+    return folder / "bin" / "python"
+
+
+@pytest.mark.parametrize("how,args,packages", MISSING, ids=[m[0] for m in MISSING])
+def test_a_missing_dependency_is_one_line_naming_the_setup_command(tmp_path, bare_python, how, args, packages):
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "hi"}])
+    write_jsonl(tmp_path / "results.jsonl", [ok_line("request-0", chat_body("hello"))])
+    before = sorted(p.name for p in tmp_path.iterdir())
+    target = how.split() if how.startswith("-m") else [str(ROOT / how)]
+    prog = f"python {how}" if how.startswith("-m") else how
+    done = subprocess.run([str(bare_python), *target, *args], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env={**clean_env(), "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    package = next((p for p in packages if f"package {p!r}" in done.stderr), packages[0])
+    assert done.stderr.splitlines()[-1] == (
+        f"{prog}: error: the Python package {package!r} is not installed for {bare_python}: run make venv in the "
+        "repository and use .venv/bin/python (or source .venv/bin/activate), or pip install -e . into this environment")
+    assert len([line for line in done.stderr.splitlines() if "error:" in line]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written

@@ -145,6 +145,46 @@ def test_answers_per_endpoint_match_the_openapi_schemas(client, endpoint, body, 
     assert set(text_of(line["response"]["body"])) == {"echo: hi there"}
 
 
+LONG = "one two three four five six seven eight nine ten"  # the answer "echo: one ... ten" is 11 tokens
+
+
+@pytest.mark.parametrize("endpoint, body, schema", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG}], "max_completion_tokens": 4, "n": 2},
+     "CreateChatCompletionResponse"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG}], "max_tokens": 4},
+     "CreateChatCompletionResponse"),
+    ("/v1/responses", {"input": LONG, "max_output_tokens": 4}, "Response"),
+    ("/v1/completions", {"prompt": LONG, "max_tokens": 4}, "CreateCompletionResponse"),
+])
+def test_answers_are_cut_at_the_output_cap(client, endpoint, body, schema):
+    rows = [{"custom_id": "long", "method": "POST", "url": endpoint, "body": {"model": "m", **body}},
+            {"custom_id": "short", "method": "POST", "url": endpoint,
+             "body": {"model": "m", **body, **({"input": "hi"} if "input" in body else {"prompt": "hi"}
+                                               if "prompt" in body else {"messages": [{"role": "user",
+                                                                                        "content": "hi"}]})}}]
+    uploaded = upload(client, rows)
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint=endpoint, completion_window="24h")
+    batch, _ = run_to_end(client, batch.id)
+    lines = {line["custom_id"]: line["response"]["body"] for line in content(client, batch.output_file_id)}
+    long, short = lines["long"], lines["short"]
+    validate(long, schema, nulls_allowed=True)
+    if endpoint == "/v1/responses":
+        [message] = [item for item in long["output"] if item["type"] == "message"]
+        assert message["content"][0]["text"] == "echo: one two three"
+        assert (long["status"], long["incomplete_details"], message["status"]) == \
+            ("incomplete", {"reason": "max_output_tokens"}, "incomplete")
+        assert long["usage"]["output_tokens"] == 4 and long["usage"]["total_tokens"] == 10 + 4
+        assert (short["status"], short["incomplete_details"]) == ("completed", None)
+    else:
+        texts = [c["message"]["content"] if "message" in c else c["text"] for c in long["choices"]]
+        assert set(texts) == {"echo: one two three"} and {c["finish_reason"] for c in long["choices"]} == {"length"}
+        n = len(long["choices"])
+        assert long["usage"] == {"prompt_tokens": 10, "completion_tokens": 4 * n, "total_tokens": 10 + 4 * n}
+        assert {c["finish_reason"] for c in short["choices"]} == {"stop"}
+    assert batch.usage.output_tokens == sum(
+        b["usage"].get("completion_tokens", b["usage"].get("output_tokens")) for b in lines.values())
+
+
 def test_embeddings_are_deterministic_vectors(client):
     uploaded = upload(client, [{"custom_id": "e", "method": "POST", "url": "/v1/embeddings",
                                 "body": {"model": "text-embedding-3-small", "input": ["one", "two"]}}])

@@ -78,7 +78,7 @@ def test_datasetdict_split_choice(tmp_path):
 
 
 def test_json_array_is_parsed_incrementally_across_chunk_boundaries(tmp_path):
-    from datagen.prompts import Row, _iter_json_array_rows
+    from datagen.prompt_files import Row, _iter_json_array_rows
 
     many = [{"prompt": "x" * (i % 17), "i": i} for i in range(200)]
     path = tmp_path / "big.json"
@@ -152,9 +152,8 @@ def test_unescape_reads_n_t_and_backslash_only(written, meant):
     ("{q!r}", "--prompt_template field {q!r} has a conversion; write plain {name} fields"),
     ("{q!s:10}", "--prompt_template field {q!s:10} has a format spec"),
     ("{}", "--prompt_template field {} is positional; write plain {name} fields"),
-    ("{0}", "--prompt_template field {0} is positional"),
-    ("{q.x}", "--prompt_template field {q.x} reads an attribute or index"),
-    ("{q[0]}", "--prompt_template field {q[0]} reads an attribute or index"),
+    ("Q: {lora_a.status!r}", "--prompt_template field {lora_a.status!r} has a conversion"),
+    ("no placeholder {{here}}", "--prompt_template has no {field} placeholder; name at least one row field"),
 ])
 def test_template_fields_other_than_plain_names_are_refused(template, message):
     with pytest.raises(UserError) as caught:
@@ -164,6 +163,54 @@ def test_template_fields_other_than_plain_names_are_refused(template, message):
 
 def test_plain_template_fields_pass():
     assert PromptOptions(template="{a} {b_c} {{literal}} {a}").template_fields() == ["a", "b_c", "a"]
+
+
+def test_template_placeholders_are_column_names_as_written(tmp_path):
+    """A --compare table's columns: dots, dashes, spaces and digits are part of the name."""
+    row = {"id": "q1", "question": "2+2?", "gpt-4o-mini": "4", "lora_a.status": "ok", "my run": None,
+           "0": "zero", "q[0]": "bracket", "n": 3, "ok": True, "prompt": [{"role": "user", "content": "2+2?"}]}
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    template = "{question}|{gpt-4o-mini}|{lora_a.status}|{my run}|{0}|{q[0]}|{n}|{ok}|{prompt}|{{x}}"
+    prompt = next(iter_prompts(path, PromptOptions(id_field="id", template=template)))
+    assert prompt.text == '2+2?|4|ok||zero|bracket|3|true|[{"role":"user","content":"2+2?"}]|{x}'
+    assert prompt.messages is None  # with a template the prompt field is not read
+    with pytest.raises(UserError) as caught:
+        next(iter_prompts(path, PromptOptions(template="{lora_a.sttus}")))
+    assert str(caught.value) == (f"{path}:1 (row 0): --prompt_template placeholder {{lora_a.sttus}} is not a field "
+                                 "of this row; the row has fields: id, question, gpt-4o-mini, lora_a.status, my run, "
+                                 "0, q[0], n, ok, prompt")
+
+
+def test_a_conversation_in_the_prompt_field_is_read_as_messages(tmp_path):
+    """A --compare table's prompt column: a list (JSONL, Parquet) or its JSON text (CSV)."""
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+    path = tmp_path / "t.csv"
+    path.write_text('id,prompt\nq1,"' + json.dumps(conversation).replace('"', '""') + '"\n'
+                    'q2,[{not json}]\nq3,plain\n', encoding="utf-8")
+    q1, q2, q3 = iter_prompts(path, PromptOptions(id_field="id"))
+    assert (q1.text, q1.messages) == (None, conversation)
+    assert (q2.text, q2.messages) == ("[{not json}]", None)
+    assert (q3.text, q3.messages) == ("plain", None)
+    jsonl = tmp_path / "t.jsonl"
+    jsonl.write_text(json.dumps({"id": "q1", "prompt": conversation}) + "\n", encoding="utf-8")
+    assert next(iter_prompts(jsonl, PromptOptions(id_field="id"))).messages == conversation
+    with pytest.raises(UserError) as caught:
+        next(iter_prompts(jsonl, PromptOptions(system="Be terse.")))
+    assert str(caught.value) == (f"{jsonl}:1 (row 0): the conversation already starts with a system message; "
+                                 "drop --system_prompt or that message")
+    jsonl.write_text(json.dumps({"prompt": [{"role": "narrator", "content": "x"}]}) + "\n", encoding="utf-8")
+    with pytest.raises(UserError) as caught:
+        next(iter_prompts(jsonl, PromptOptions()))
+    assert str(caught.value) == (f"{jsonl}:1 (row 0): prompt[0] has role 'narrator'; use one of system, developer, "
+                                 "user, assistant, tool")
+
+
+def test_csv_values_keep_nul_and_carriage_returns(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_bytes(b'id,prompt\n1,"a\x00b\rc\r\nd"\n2,e\x00f\n')
+    assert [r.data for r in iter_rows(path)] == [{"id": "1", "prompt": "a\x00b\rc\r\nd"},
+                                                 {"id": "2", "prompt": "e\x00f"}]
 
 
 # --- CSV: nothing merged, cut or renamed silently ------------------------------------------
@@ -180,7 +227,6 @@ CSV_BAD = {
                                     "p.csv:3 (row 1): 3 values but the header has 2 columns; quote values"),
     "fewer fields than the header": ("id,prompt\n1\n", "p.csv:2 (row 0): 1 values but the header has 2 columns"),
     "long row after a multi-line row": ('id,prompt\n1,"a\nb"\n2,c,d\n', "p.csv:4 (row 1): 3 values"),
-    "NUL byte": ("id,prompt\n1,a\n2,b\x00c\n", "p.csv:3: a NUL byte; a prompts file is text, save it as UTF-8 CSV"),
     "text after a closing quote": ('id,prompt\n1,a\n2,"b"c\n', "p.csv:3: bad CSV (',' expected after '\"')"),
     "no header": ("\n", "p.csv: no header row"),
 }

@@ -25,10 +25,12 @@ FT_DETAILS = {"adapter_sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822
 
 
 def record(custom_id, text, finish_reason, *, source, model, adapter="", refusal=False, usage, details,
-           samples=None):
-    """The one output record, built here by hand (every column, in order, none null)."""
+           samples=None, run=None):
+    """The one output record, built here by hand (every column, in order, none null). The
+    run name: OpenAI's model; a fine-tuned record without one, its adapter folder's name."""
     samples = samples or [(text, finish_reason)]
-    return {"id": custom_id, "generated_text": text, "source": source, "model": model, "adapter": adapter,
+    run = run or (model if source == "openai" else adapter.rstrip("/").split("/")[-1] or "base")
+    return {"id": custom_id, "generated_text": text, "source": source, "run": run, "model": model, "adapter": adapter,
             "finish_reason": finish_reason, "refusal": refusal, "prompt_tokens": usage.get("prompt_tokens", 0),
             "completion_tokens": usage.get("completion_tokens", 0),
             "reasoning_tokens": usage.get("reasoning_tokens", 0),
@@ -405,8 +407,8 @@ def test_csv_output(tmp_path, capsys):
     samples = lambda text: json.dumps([{"text": text, "finish_reason": "stop"}], separators=(",", ":"))  # noqa: E731
     assert rows == [
         list(results.COLUMNS),
-        ["q1", "No.", "openai", GPT, "", "stop", "true", "14", "7", "0", samples("No."), '{"endpoint":"chat"}'],
-        ["q2", "say \"hi\",\nthen go", "openai", GPT, "", "stop", "false", "14", "7", "0",
+        ["q1", "No.", "openai", GPT, GPT, "", "stop", "true", "14", "7", "0", samples("No."), '{"endpoint":"chat"}'],
+        ["q2", "say \"hi\",\nthen go", "openai", GPT, GPT, "", "stop", "false", "14", "7", "0",
          samples("say \"hi\",\nthen go"), '{"endpoint":"chat"}']]
     assert read_jsonl("out.failed.jsonl") == []
 
@@ -573,7 +575,7 @@ def test_user_error_for_bad_line_shape_in_parser():
 def test_stdlib_json_fallback_writes_the_same_bytes(tmp_path):
     """orjson is optional: without it the standard library writes identical files."""
     write_jsonl("results.jsonl", [ok_line("a", chat_body("naïve 東京 \"q\"\n\t\u007f end")),
-                                  ok_line("b", EMBEDDINGS_BODY), expired_line("c")])
+                                  ok_line("b", chat_body_n(["x", "y"])), expired_line("c")])
     args = ["--input_file", "results.jsonl", "--output_file"]
     fast = run_script("reformat_results.py", *args, "fast.jsonl", cwd=tmp_path)
     blocked = ("import runpy, sys; sys.modules['orjson'] = None; sys.argv = sys.argv[1:]; "

@@ -70,6 +70,7 @@ def test_resume_refuses_records_made_differently(tiny, other_adapter, capsys, ch
     line = error_line(err)
     assert code == 1
     assert f"gen.jsonl: 6 of the 6 records already there for this input were made differently: {differs}" in line
+    assert "loading the base model" not in err  # decided from tokenizer and file hashes, before the weights
     assert "--regenerate_mismatched" in line and "new --output_file" in line
     assert Path("gen.jsonl").read_bytes() == before
     assert files_in(".") == ["gen.jsonl", "prompts.jsonl"]
@@ -96,7 +97,7 @@ def test_regenerate_mismatched_makes_exactly_those_again(tiny, capsys):
     assert all(r["generation"]["max_new_tokens"] == 3 for r in after)
     assert read_jsonl("gen.jsonl.replaced") == old  # nothing generated is lost
     code, out, err = run_main(capsys, *base_args(tiny))
-    assert code == 0 and "0 generated, 8 already there" in out
+    assert code == 0 and "nothing to do: all 8 requests are already in gen.jsonl" in out
 
 
 def test_records_without_a_fingerprint_are_not_trusted(tiny, capsys):
@@ -148,7 +149,7 @@ def test_prompt_over_the_context_is_a_failed_record_and_the_run_goes_on(tiny, ca
     assert "maximum context length is 1024 tokens" in error["message"]
     assert f"{by_id['long']['prompt_tokens']} prompt tokens + 3 max new tokens" in error["message"]
     # Resume keeps the failed record (same fingerprint); reformatting counts it as failed.
-    assert "0 generated, 3 already there" in run_main(capsys, *base_args(tiny))[1]
+    assert "nothing to do: all 3 requests are already in gen.jsonl" in run_main(capsys, *base_args(tiny))[1]
     code = reformat_results.main(["--input_file", "gen.jsonl", "--source_type", "finetuned",
                                   "--output_file", "reformatted.jsonl"])
     captured = capsys.readouterr()
@@ -219,7 +220,7 @@ def test_damaged_model_and_adapter_files_are_one_line(tiny, capsys, tmp_path):
     model_file = base / "model.safetensors"
     model_file.write_bytes(model_file.read_bytes()[:300])
     cases = [(["--adapter_path", listed], "holds a JSON list, not an object"),
-             (["--adapter_path", truncated], "cannot load it"),
+             (["--adapter_path", truncated], "cannot read adapter_model.safetensors (Error while deserializing header"),
              (["--model_name_or_path", base], "cannot load the model")]
     for extra, message in cases:
         args = base_args(tiny, adapter=None)
@@ -244,7 +245,7 @@ def test_a_conversation_the_chat_template_refuses_is_a_failed_record(tiny, capsy
     by_id = {r["custom_id"]: r for r in read_jsonl("gen.jsonl")}
     assert "generated_text" in by_id["a"]
     assert by_id["b"]["error"]["code"] == "chat_template_error" and "no system turn" in by_id["b"]["error"]["message"]
-    assert "0 generated, 2 already there" in run_main(capsys, "--model_name_or_path", picky,
+    assert "nothing to do: all 2 requests are already in gen.jsonl" in run_main(capsys, "--model_name_or_path", picky,
                                                       *base_args(tiny, adapter=None)[2:])[1]
 
 

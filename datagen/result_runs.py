@@ -1,0 +1,247 @@
+"""Which run a result belongs to: one identity per run, its name, and the runs among files.
+
+A **run** is one model (or one adapter on a base model) answering one input. Records of
+different runs are never deduplicated against each other: ``reformat_results.py`` refuses
+to merge them, and ``--compare`` gives each run its own column, named by its run name.
+
+``run_key`` is the one definition of a result's run identity:
+
+- **fine-tuned** (a generations record, raw or reformatted): the source, the base model,
+  the adapter, the record's ``run`` name and the fingerprint's ``model``, ``adapter`` and
+  ``engine`` parts, and its ``generation`` part (records of one file are one run whatever
+  their per-request parameters; a file's records without a ``run`` name, written before
+  records had one, join the named ones of that file).
+- **OpenAI**: the model as requested (the download's sidecar, ``datagen.provenance``; else
+  the answer's model) and the batch inputs the sidecar names (``input_digests``; a part of a
+  split input also stands for the whole input). Files whose inputs overlap (a download and
+  the download of its ``--retry_failed`` batches, parts of one input) are one run; without a
+  sidecar a file's run is its model.
+
+The **run name**: the record's ``run`` (``--adapter_path NAME=PATH``'s NAME, ``base``), else
+the adapter folder's name, else ``base`` (fine-tuned); the model as requested (OpenAI).
+``RunSorter`` collects the identities seen per file and groups them into runs (``runs``);
+lines with no identity of their own (an OpenAI error line names no model) join their
+file's run, or the run of the output file beside them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datagen.errors import UserError
+
+FINETUNED, OPENAI = "finetuned", "openai"
+BASE = "base"  # the run name of a base model alone
+_PART = re.compile(r"^(.*)\.part-\d{3,}(\.[^.]*)$")
+
+
+def adapter_run_name(adapter: Any) -> str:
+    """The run name of records without one: the adapter folder's name, else ``base``."""
+    if isinstance(adapter, str) and adapter.strip("/"):
+        return Path(adapter.rstrip("/")).name
+    return BASE
+
+
+def finetuned_name(obj: dict) -> str:
+    run = obj.get("run")
+    return run if isinstance(run, str) and run else adapter_run_name(obj.get("adapter"))
+
+
+def _fingerprint_parts(fingerprint: Any) -> tuple:
+    if not isinstance(fingerprint, dict):
+        return (None, None, None), None
+    return (fingerprint.get("model"), fingerprint.get("adapter"), fingerprint.get("engine")), \
+        fingerprint.get("generation")
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def run_key(source: str, obj: dict, *, roots: frozenset | None = None, requested: str | None = None,
+            fingerprint: Any = None) -> tuple:
+    """The identity of the run that made ``obj`` (see the module docstring), as a tuple
+    ``(source, run, model, adapter, fingerprint parts, generation, roots)``.
+
+    Fine-tuned: ``obj`` is a generations record (``fingerprint`` defaults to its own) or a
+    reformatted record (pass the fingerprint from its details). OpenAI: ``requested`` is the
+    model the sidecar names, else ``obj["model"]`` (the answer's); ``roots`` the sidecar's inputs.
+    """
+    if source == OPENAI:
+        return OPENAI, requested or _text(obj.get("run")) or _text(obj.get("model")), None, None, None, None, roots
+    parts, generation = _fingerprint_parts(obj.get("fingerprint") if fingerprint is None else fingerprint)
+    return (FINETUNED, _text(obj.get("run")), _text(obj.get("model")), _text(obj.get("adapter")), parts,
+            generation, None)
+
+
+def key_name(key: tuple) -> str:
+    if key[0] == OPENAI:
+        return key[1] or "(no model)"
+    return key[1] or adapter_run_name(key[3])
+
+
+class Origins:
+    """The OpenAI download sidecars of some results files: the requested model and the
+    input roots of each (the digests of ``provenance.input_digests``, and ``parts-of:NAME``
+    for a batch made from a part ``NAME.part-NNN.jsonl`` of a split input)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[Path, tuple[str | None, frozenset | None]] = {}
+
+    def of(self, path: Path) -> tuple[str | None, frozenset | None]:
+        from datagen import provenance
+
+        sidecar_file = provenance.sidecar_path(path).resolve()
+        if sidecar_file not in self._cache:
+            sidecar = provenance.read_sidecar(path)
+            if sidecar is None:
+                self._cache[sidecar_file] = (None, None)
+            else:
+                roots = set(provenance.input_digests(sidecar))
+                models = []
+                for batch in sidecar["batches"]:
+                    match = _PART.match(batch.get("source_file") or "")
+                    if match and not batch.get("retry_of"):
+                        roots.add(f"parts-of:{match.group(1)}{match.group(2)}")
+                    if isinstance(batch.get("model"), str) and batch["model"] not in models:
+                        models.append(batch["model"])
+                self._cache[sidecar_file] = (models[0] if len(models) == 1 else None, frozenset(roots) or None)
+        return self._cache[sidecar_file]
+
+
+@dataclass
+class FoundRun:
+    """One run among the files read: its name, its files (in reading order) and keys."""
+
+    name: str
+    source: str
+    files: list[Path] = field(default_factory=list)
+    keys: list[tuple] = field(default_factory=list)
+
+    def describe(self, limit: int = 3) -> str:
+        shown = ", ".join(str(p) for p in self.files[:limit])
+        more = f" +{len(self.files) - limit} more" if len(self.files) > limit else ""
+        return f"{self.name} ({shown}{more})"
+
+
+class RunSorter:
+    """The run identities seen in each file; ``runs()`` groups them into runs.
+
+    ``note(file_number, key)`` returns a node number for the line (cheap per line: one
+    dict lookup); ``note(file_number, None)`` a node for lines with no identity of their
+    own. ``runs()`` returns the runs and ``run_of``: node number -> index of its run.
+    """
+
+    def __init__(self, files: list[Path]):
+        self.files = files
+        self._nodes: dict[tuple, int] = {}  # (file number, key) -> node
+        self._node_info: list[tuple[int, tuple | None]] = []
+        self.run_of: list[int] = []
+        self.ambiguous: list[Path] = []  # files whose lines without identity could be of several runs
+
+    def note(self, file_number: int, key: tuple | None) -> int:
+        node = self._nodes.get((file_number, key))
+        if node is None:
+            node = self._nodes[(file_number, key)] = len(self._node_info)
+            self._node_info.append((file_number, key))
+        return node
+
+    def runs(self) -> list[FoundRun]:
+        parent = list(range(len(self._node_info)))
+
+        def find(n: int) -> int:
+            while parent[n] != n:
+                parent[n] = parent[parent[n]]
+                n = parent[n]
+            return n
+
+        def union(a: int, b: int) -> None:
+            parent[find(a)] = find(b)
+
+        known = [(n, f, k) for n, (f, k) in enumerate(self._node_info) if k is not None]
+        first: dict[tuple, int] = {}
+
+        def join(node: int, token: tuple) -> None:
+            union(node, first.setdefault(token, node))
+
+        unnamed: list[tuple[int, tuple]] = []
+        for node, file_number, key in known:
+            join(node, ("key", key))  # the same identity in two files: one run
+            if key[0] == FINETUNED:  # one file: per-request parameters; records without a name
+                base = (file_number, *key[2:5])
+                if key[1] is None:
+                    unnamed.append((node, base))
+                else:
+                    join(node, ("file", *base, key[1]))
+                    first.setdefault(("file-named", *base), node)
+            elif key[6]:  # overlapping inputs: a retry's download, parts of one input
+                for token in key[6]:
+                    join(node, ("input", key[1], token))
+        for node, base in unnamed:
+            join(node, ("file-named", *base))
+        models: dict[str, set[int]] = {}
+        for node, _, key in known:
+            if key[0] == OPENAI and key[6] is not None:
+                models.setdefault(key[1], set()).add(node)
+        for node, _, key in known:  # no sidecar: the one run of that model, if there is one
+            if key[0] == OPENAI and key[6] is None:
+                others = {find(n) for n in models.get(key[1], ())}
+                if len(others) == 1:
+                    union(node, others.pop())
+        for node, (file_number, key) in enumerate(self._node_info):
+            if key is None:
+                self._attach(node, file_number, known, find, union)
+        roots: dict[int, int] = {}
+        runs: list[FoundRun] = []
+        self.run_of = []
+        for node, (file_number, key) in enumerate(self._node_info):
+            root = find(node)
+            if root not in roots:
+                roots[root] = len(runs)
+                runs.append(FoundRun("", OPENAI))
+            run = runs[roots[root]]
+            self.run_of.append(roots[root])
+            if self.files[file_number] not in run.files:
+                run.files.append(self.files[file_number])
+            if key is not None:
+                run.keys.append(key)
+        for run in runs:
+            if run.keys:
+                run.source = run.keys[0][0]
+                named = [k[1] for k in run.keys if k[1]]
+                run.name = named[0] if named and run.source == FINETUNED else key_name(run.keys[0])
+            else:  # failures only, no model named anywhere
+                run.name = run.files[0].name
+        return runs
+
+    def _attach(self, node: int, file_number: int, known: list, find, union) -> None:
+        """Lines with no identity: their file's run, else the run of the output beside them
+        (OUT.errors.jsonl, OUT.failed.jsonl), else the only run there is."""
+        path = self.files[file_number]
+        own = {find(n) for n, f, _ in known if f == file_number}
+        if not own:
+            name = path.name
+            for suffix in (".errors.jsonl", ".failed.jsonl"):
+                if name.endswith(suffix):
+                    stem = name[:-len(suffix)]
+                    partners = [i for i, p in enumerate(self.files) if p.parent == path.parent and
+                                (p.name == stem or (suffix == ".failed.jsonl" and p.stem == stem))]
+                    own = {find(n) for n, f, _ in known if f in partners}
+        if not own:
+            own = {find(n) for n, _, _ in known}
+        if len(own) > 1:
+            self.ambiguous.append(path)
+        if own:
+            union(node, min(own))
+
+    def check_unambiguous(self) -> None:
+        if self.ambiguous:
+            raise UserError(f"{self.ambiguous[0]}: failed lines that name no model, among results of several runs; "
+                            "cannot tell which run they belong to: give each run's files on their own")
+
+
+def describe_runs(runs: list[FoundRun]) -> str:
+    return "; ".join(run.describe() for run in runs)
