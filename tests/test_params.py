@@ -225,7 +225,8 @@ def line(custom_id, **body):
 
 @pytest.mark.parametrize("bad,message", [
     ('"temperature": "0.7"', 'batch.jsonl:2: body.temperature is the string "0.7"; give a number from 0 to 2'),
-    ('"temperature": NaN', "batch.jsonl:2: body.temperature is NaN; give a number from 0 to 2"),
+    ('"temperature": NaN', "batch.jsonl:2: NaN is not a number JSON allows (JSON has no NaN or infinity); "
+                           "write a number, or null where there is none"),
     ('"n": 200', "batch.jsonl:2: body.n is 200; give an integer from 1 to 128"),
     ('"top_p": true', "batch.jsonl:2: body.top_p is true; give a number from 0 to 1"),
 ])
