@@ -355,7 +355,7 @@ def _loaded(load_engine, targets: list[Target]):
 
 def _check_resume(target: Target, requests, overrides: Overrides, regenerate: bool) -> set[str]:
     """The ids whose records in ``target``'s output this run reuses (see ``run_generation``)."""
-    check = records.ResumeCheck(target.real, shown=target.output)
+    check = records.ResumeCheck(target.real, shown=target.output, run=target.run)
     if not check.records:
         return set()
     checked = 0

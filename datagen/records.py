@@ -42,7 +42,8 @@ PARTS = ("model", "adapter", "engine", "generation", "input")  # the fingerprint
 WHAT_DIFFERS = {"model": "the base model differs", "adapter": "the adapter (config or weights) differs",
                 "engine": "the engine or its dtype/merge setting differs",
                 "generation": "the generation parameters differ",
-                "input": "the prompt as the model saw it (rendered, tokenized) differs"}
+                "input": "the prompt as the model saw it (rendered, tokenized) differs",
+                "run": "the run name differs (--adapter_path NAME=PATH)"}
 SAMPLE_BYTES = 1 << 20  # of each weight file, hashed at both ends: a retrained model shows there
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
@@ -158,8 +159,9 @@ class ResumeCheck:
     input hash; a file of a million records costs some hundred megabytes at most.
     """
 
-    def __init__(self, output: Path, shown: Path | None = None):
+    def __init__(self, output: Path, shown: Path | None = None, run: str | None = None):
         self.output = output
+        self.run = run  # this run's name: a record of another name is not this run's
         self.shown = shown or output  # the name the user gave, for messages
         self._statics: dict[tuple, int] = {}
         self._static_list: list[tuple] = []
@@ -181,7 +183,8 @@ class ResumeCheck:
             if not isinstance(print_, dict):
                 static, input_hash = ("missing",), None
             else:
-                static, input_hash = tuple(print_.get(p) for p in PARTS[:-1]), print_.get("input")
+                static = (*(print_.get(p) for p in PARTS[:-1]), obj.get("run"))
+                input_hash = print_.get("input")
             index = self._statics.setdefault(static, len(self._statics))
             if index == len(self._static_list):
                 self._static_list.append(static)
@@ -197,10 +200,13 @@ class ResumeCheck:
         if static == ("missing",):
             self.mismatched[custom_id] = "missing"
             return False
-        for part, value in zip(PARTS, (*static, input_hash)):
+        for part, value in zip(PARTS, (*static[:-1], input_hash)):
             if value != expected[part]:
                 self.mismatched[custom_id] = part
                 return False
+        if static[-1] is not None and self.run is not None and static[-1] != self.run:  # older records: no name
+            self.mismatched[custom_id] = "run"
+            return False
         return True
 
     def refusal(self, checked: int) -> str:

@@ -54,6 +54,7 @@ def test_every_record_carries_its_fingerprint_and_provenance(tiny, capsys):
     ("temperature", "the generation parameters differ (6)"),
     ("template", "the prompt as the model saw it (rendered, tokenized) differs (6)"),
     ("dtype", "the engine or its dtype/merge setting differs (6)"),
+    ("run_name", "the run name differs (--adapter_path NAME=PATH) (6)"),
 ])
 def test_resume_refuses_records_made_differently(tiny, other_adapter, capsys, change, differs):
     write_prompts(count=6)
@@ -65,7 +66,8 @@ def test_resume_refuses_records_made_differently(tiny, other_adapter, capsys, ch
             "max_new_tokens": base_args(tiny, "--max_new_tokens", "4"),
             "temperature": base_args(tiny, "--temperature", "0.7"),
             "template": base_args(tiny, "--prompt_template", "Q: {prompt}"),
-            "dtype": base_args(tiny, "--no_merge_lora")}[change]
+            "dtype": base_args(tiny, "--no_merge_lora"),
+            "run_name": base_args(tiny, adapter=None) + ["--adapter_path", f"renamed={tiny['adapter']}"]}[change]
     code, _, err = run_main(capsys, *args)
     line = error_line(err)
     assert code == 1

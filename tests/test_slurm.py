@@ -436,7 +436,7 @@ def test_interrupted_tasks_resume_without_loss_or_duplicates(slurm_cluster, tiny
     """Task 1 gets USR1 (what --signal=B:USR1@N sends before the time limit) and requeues
     itself; task 0 is requeued from outside mid-run (as on preemption or node trouble).
     Both reruns carry on where they stopped."""
-    per_shard = 80
+    per_shard = 160
     ids = write_prompts(Path("prompts.jsonl"), 2 * per_shard)
     job_id = sbatch(slurm_cluster, "--array=0-1",
                     env=job_env(tiny_model, BATCH_SIZE="1", MAX_NEW_TOKENS="32"))
@@ -447,11 +447,14 @@ def test_interrupted_tasks_resume_without_loss_or_duplicates(slurm_cluster, tiny
 
     # Both tasks mid-run: task 1 gets USR1 in its batch shell, which stops the generator
     # and requeues the task; task 0 is requeued from outside (SLURM stops it with SIGTERM).
-    wait_until(lambda: all(line_count(shard_file(k, 2)) > 0 for k in (0, 1)),
-               "both tasks to write their first records", slurm_cluster)
-    slurm_cluster.run("scancel", "--batch", "--signal=USR1", task[1])
-    slurm_cluster.run("scontrol", "requeue", task[0])
-    written = {k: line_count(shard_file(k, 2)) for k in (0, 1)}
+    # Each task is interrupted as soon as its own first record is written: on a busy machine
+    # one task can start long after the other, so waiting for both could let one finish.
+    written = {}
+    for k, interrupt in ((1, ("scancel", "--batch", "--signal=USR1", task[1])),
+                         (0, ("scontrol", "requeue", task[0]))):
+        wait_until(lambda: line_count(shard_file(k, 2)) > 0, f"task {k} to write its first records", slurm_cluster)
+        slurm_cluster.run(*interrupt)
+        written[k] = line_count(shard_file(k, 2))
     assert all(n < per_shard for n in written.values()), \
         f"a task finished before it could be interrupted ({written} of {per_shard}): give it more work"
     wait_until(lambda: state(0) == "PENDING" and state(1) == "PENDING", "both tasks to be requeued",
