@@ -142,6 +142,19 @@ else:  # pragma: no cover
     loads = _std_loads
 
 
+def cell_text(value: Any) -> str:
+    """A value as one text cell: null is empty, true/false, lists and objects as compact
+    JSON, anything else as ``str``. The CSV tables write cells so, and templates fill
+    placeholders so, so a CSV, JSONL or Parquet table gives the same prompt."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (dict, list)):
+        return dumps(value)
+    return str(value)
+
+
 def _short(text: str, limit: int = 60) -> str:
     text = text.strip()
     return text if len(text) <= limit else text[:limit] + "..."

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 from datagen.cli import add_flag
 from datagen.errors import UserError
-from datagen.jsonl import dumps
+from datagen.jsonl import cell_text
 from datagen.prompt_files import FORMATS, Row, iter_rows  # noqa: F401  (Row, iter_rows: used through here too)
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -133,19 +133,6 @@ def _fields(data: dict) -> str:
     return shown or "none"
 
 
-def _as_text(value: Any) -> str:
-    """A row value as a template fills it in, written as a CSV table cell is: null is empty,
-    true/false, lists and objects as compact JSON; so a CSV, JSONL or Parquet table gives
-    the same prompt."""
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (dict, list)):
-        return dumps(value)
-    return str(value)
-
-
 def _conversation(value: Any) -> Any:
     """A conversation written as JSON text (a CSV cell: how a --compare table writes its
     prompt column) as its list of messages; any other value as it is."""
@@ -198,7 +185,7 @@ def row_to_prompt(row: Row, options: PromptOptions) -> Prompt:
             if name not in data:
                 raise UserError(f"{row.where}: --prompt_template placeholder {{{name}}} is not a field of this row; "
                                 f"the row has fields: {_fields(data)}")
-            pieces.append(_as_text(data[name]))
+            pieces.append(cell_text(data[name]))
         prompt.text = "".join(pieces)
     elif options.prompt_field in data and data[options.prompt_field] is not None:
         text = _conversation(data[options.prompt_field])

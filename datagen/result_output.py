@@ -60,10 +60,10 @@ from __future__ import annotations
 import contextlib
 import csv
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Iterable, Iterator
 
 from datagen.errors import UserError
-from datagen.jsonl import atomic_writer, dumps, loads
+from datagen.jsonl import atomic_writer, cell_text, dumps, loads
 from datagen.result_requests import PROMPT_FIELD
 
 OUTPUT_SUFFIXES = (".jsonl", ".csv", ".tsv", ".parquet")
@@ -87,16 +87,6 @@ def output_format(path: Path) -> str:
         return "jsonl"
     raise UserError(f"--output_file {path}: cannot tell the format from {suffix or 'no extension'}; "
                     "end the name in .jsonl, .csv, .tsv or .parquet")
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (dict, list)):
-        return dumps(value)
-    return str(value)
 
 
 def arrow_types(keep_types: dict[str, set[str]] | None = None, columns: Iterable[str] = COLUMNS) -> dict:
@@ -154,7 +144,7 @@ class Sink:
         if keep_json:
             record.update(loads(keep_json))
         if self.fmt == "csv":
-            self.writer.writerow([_cell(record.get(name)) for name in self.columns])
+            self.writer.writerow([cell_text(record.get(name)) for name in self.columns])
             return
         self.rows.append(record)
         if len(self.rows) >= 10_000:

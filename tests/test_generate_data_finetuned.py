@@ -243,7 +243,6 @@ def test_out_of_memory_halves_a_token_budget_too(merged, tmp_path, monkeypatch):
 
 def test_token_budget_batches(merged):
     """Longest prompts first, batch_size rows of them; shorter ones fill the same budget."""
-    generator = engine_hf.HFEngine(merged)
     requests = requests_for(40)
     for r in requests:
         r.input_ids = generation.Renderer(merged.tokenizer).encode(r)
