@@ -23,7 +23,8 @@ the --run of a --retry_failed file adds its ids beside the originals. --download
 OUTPUT with the output lines of every batch (in the API's order: join on custom_id) and
 OUTPUT.errors.jsonl with the requests that failed, expired or were cancelled, and
 OUTPUT.source.json saying which batches and input file (name, sha256) they came from; all
-are complete or absent. Every batch --run creates is also listed in
+are complete or absent. It refuses an OUTPUT that is a batch input, or that holds the
+results of other batches (a rerun for the same batches replaces it). Every batch --run creates is also listed in
 last_batch_id.history.jsonl, so an earlier run's batches are found after a later --run.
 
 --run --wait is a queue for inputs of any number of parts: it submits the parts that fit

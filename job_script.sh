@@ -24,8 +24,8 @@
 #
 # Settings: the flags of generate_data_finetuned.py as environment variables (upper case,
 # SETTINGS below: MODEL_NAME_OR_PATH, ADAPTER_PATH, INPUT_FILE, OUTPUT_FILE, BATCH_SIZE,
-# MAX_NEW_TOKENS, ...; switches DO_SAMPLE, NO_MERGE_LORA, TRUST_REMOTE_CODE, USE_GENERATE, COMPILE,
-# WITH_BASE, REGENERATE_MISMATCHED, IGNORE_UNSUPPORTED_FIELDS take 1 or 0),
+# MAX_NEW_TOKENS, ...; switches DO_SAMPLE, NO_MERGE_LORA, TRUST_REMOTE_CODE, WITH_BASE,
+# REGENERATE_MISMATCHED, IGNORE_UNSUPPORTED_FIELDS take 1 or 0),
 # and/or any flag after the script name, forwarded verbatim (repeat --stop for several):
 #   sbatch job_script.sh --model_name_or_path BASE --input_file in.jsonl --output_file out.jsonl --stop '###'
 # Only what is given is forwarded: every default lives in generate_data_finetuned.py. The
@@ -81,12 +81,11 @@ SETTINGS=(MODEL_NAME_OR_PATH ADAPTER_PATH INPUT_FILE OUTPUT_FILE
           ENGINE TENSOR_PARALLEL_SIZE GPU_MEMORY_UTILIZATION MAX_MODEL_LEN)
 # Switches: VAR=1 forwards the first flag, VAR=0 the second (if any), unset/empty nothing.
 declare -A SWITCH_ON=([DO_SAMPLE]=--do_sample [NO_MERGE_LORA]=--no_merge_lora [TRUST_REMOTE_CODE]=--trust_remote_code
-                      [USE_GENERATE]=--use_generate [COMPILE]=--compile [WITH_BASE]=--with_base
+                      [WITH_BASE]=--with_base
                       [REGENERATE_MISMATCHED]=--regenerate_mismatched
                       [IGNORE_UNSUPPORTED_FIELDS]=--ignore_unsupported_fields)
 declare -A SWITCH_OFF=([DO_SAMPLE]=--no_do_sample [NO_MERGE_LORA]=--merge_lora)
-SWITCHES=(DO_SAMPLE NO_MERGE_LORA TRUST_REMOTE_CODE USE_GENERATE COMPILE WITH_BASE REGENERATE_MISMATCHED
-          IGNORE_UNSUPPORTED_FIELDS)
+SWITCHES=(DO_SAMPLE NO_MERGE_LORA TRUST_REMOTE_CODE WITH_BASE REGENERATE_MISMATCHED IGNORE_UNSUPPORTED_FIELDS)
 REQUIRED=(MODEL_NAME_OR_PATH INPUT_FILE)
 
 usage() {

@@ -30,7 +30,9 @@ or --prompts_file the output follows their order, missing requests are listed, a
 --keep_fields copies their fields ('prompt': the input the model saw, system message
 included); with both, the prompts file gives its fields, joined by custom_id. The
 prompt flags (--prompt_field, --prompt_template, ...) are needed only to build 'prompt'
-from a prompts file. Without either, lines are in natural order of custom_id.
+from a prompts file. Fine-tuned answers made for other prompts than --batch_input (or a
+prompts file read with prompt flags) has are refused. Without either, lines are in
+natural order of custom_id.
 Prints "N ok, M failed, K missing". Missing requests exit 1 (after writing both files)
 unless --allow_partial; --strict exits 1 on failed ones too.
 
@@ -123,24 +125,38 @@ def parse_keep_fields(text: str | None, has_requests: bool) -> list[str]:
 def original_requests(args, prompt_shown: bool) -> results.Requests | None:
     """The requests the results answer: the batch input (order, ids, exact prompt) and/or
     the prompts file (its fields; order and ids when alone). The prompt flags are read
-    only when the prompt is shown and only the prompts file can give it."""
-    from_prompts = None
+    only when the prompt is shown or a prompt flag is given, and only the prompts file can
+    give it; then fine-tuned records are checked to answer these prompts (``asked_in``)."""
+    from_prompts, asked_in = None, None
+    prompt_flags = args.prompt_template or args.system_prompt or args.system_prompt_file
     if args.prompts_file:
-        if prompt_shown and not args.batch_input:
+        if (prompt_shown or prompt_flags) and not args.batch_input:
+            asked_in = args.prompts_file
             options = prompts.options_from_args(args)
             from_prompts = results.prompts_file_requests(
                 prompts.iter_prompts(args.prompts_file, options, args.input_format, args.split))
         else:
             from_prompts = results.prompts_file_rows(args.prompts_file, args.id_field, args.input_format, args.split)
     if args.batch_input:
-        return results.Requests(results.batch_input_requests(args.batch_input), "--batch_input", from_prompts)
+        return results.Requests(results.batch_input_requests(args.batch_input), "--batch_input", from_prompts,
+                                asked_in=args.batch_input)
     if from_prompts is not None:
-        return results.Requests(from_prompts, "--prompts_file")
+        return results.Requests(from_prompts, "--prompts_file", asked_in=asked_in)
     return None
 
 
 def request_sources(args) -> list[Path]:
     return [Path(p) for p in (args.batch_input, args.prompts_file) if p]
+
+
+def check_not_stem(output: Path, given: list[str], flag: str, output_flag: str = "--output_file") -> None:
+    """Refuse an output named like a given path that does not exist but stands for other
+    files (OUT.jsonl for its shards or adapters' files): writing it would hide them."""
+    for text in given:
+        pattern = text.partition("=")[2] if flag == "--compare" and "=" in text and not Path(text).exists() else text
+        if not Path(pattern).exists() and cli.same_file(output, pattern):
+            raise UserError(f"{output_flag} {output} is {flag} {pattern}, which stands for its shards or adapters' "
+                            "files; writing it would hide them: choose another output path")
 
 
 def reformat(args) -> int:
@@ -158,6 +174,8 @@ def reformat(args) -> int:
     sources = [*inputs, *request_sources(args)]
     cli.check_output_path(output, sources)
     cli.check_output_path(failed, sources, flag="--failed_file")
+    check_not_stem(output, args.input_file, "--input_file")
+    check_not_stem(failed, args.input_file, "--input_file", "--failed_file")
     if cli.same_file(output, failed):
         raise UserError(f"--failed_file {failed} is the same file as --output_file; choose another name")
     options = results.ResultOptions(args.treat_length_as_failure, args.treat_empty_as_failure)
@@ -170,8 +188,23 @@ def reformat(args) -> int:
                         f"they are listed in {failed}")
     if summary.missing and not args.allow_partial:
         raise UserError(f"{summary.missing} of the {summary.expected} requests have no result; they are listed "
-                        f"in {failed} (reason missing); pass --allow_partial to accept a partial result")
+                        f"in {failed} (reason missing); "
+                        f"{partial_hint(args, summary.missing == summary.expected)}")
     return 0
+
+
+def partial_hint(args, none_found: bool) -> str:
+    """How to fix missing requests: --allow_partial, or, when no id of a prompts file read
+    without --id_field matched and its rows have an id field, --id_field."""
+    if none_found and args.prompts_file and not args.batch_input and not args.id_field:
+        from datagen.prompt_files import iter_rows
+
+        first = next(iter(iter_rows(args.prompts_file, args.input_format, args.split)), None)
+        for name in ("id", "custom_id"):
+            if first is not None and isinstance(first.data, dict) and name in first.data:
+                return (f"no id matched: the rows of {args.prompts_file} have an {name!r} field, pass --id_field "
+                        f"{name} (the ids are request-<row> without it)")
+    return "pass --allow_partial to accept a partial result"
 
 
 def compare_runs(args) -> int:
@@ -188,6 +221,7 @@ def compare_runs(args) -> int:
     requests = original_requests(args, True)  # the table shows the prompt
     sources = [path for run in runs for path in run.paths] + request_sources(args)
     cli.check_output_path(output, sources)
+    check_not_stem(output, args.compare, "--compare")
     options = results.ResultOptions(args.treat_length_as_failure, args.treat_empty_as_failure)
     table = compare.compare(runs, output, requests=requests, keep_fields=keep_fields, long=args.long,
                             options=options)
@@ -198,14 +232,15 @@ def compare_runs(args) -> int:
                  f"{', ...' if run.stray > len(run.stray_ids) else ''})" if run.stray else "")
         print(f"{run.name}: {run.ok} ok, {run.failed} failed, {run.missing} missing{stray} "
               f"({', '.join(str(p) for p in run.paths)})")
-    print(f"wrote {output} ({table.rows} rows, {table.requests} requests, {len(runs)} runs)")
+    print(f"wrote {output} ({table.rows} rows, {table.requests} requests, {len(runs)} run{'s' * (len(runs) != 1)})")
     missing = sum(run.missing for run in runs)
     if args.strict and (missing or any(run.failed for run in runs)):
         raise UserError(f"{sum(run.failed for run in runs)} failed and {missing} missing results (--strict); "
                         f"see the status columns of {output}")
     if missing and requests is not None and not args.allow_partial:
+        hint = partial_hint(args, all(r.missing == table.requests for r in runs)).replace("a partial result", "them")
         raise UserError(f"{missing} results are missing ({', '.join(f'{r.name}: {r.missing}' for r in runs if r.missing)}); "
-                        f"they are the rows with status missing in {output}; pass --allow_partial to accept them")
+                        f"they are the rows with status missing in {output}; {hint}")
     return 0
 
 

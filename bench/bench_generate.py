@@ -3,7 +3,6 @@
 
     .venv/bin/python bench/bench_generate.py                   # CPU: tiny model + adapter, fp32
     .venv/bin/python bench/bench_generate.py --prompts 32      # a quicker run
-    .venv/bin/python bench/bench_generate.py --compile         # also the engine with --compile
     .venv/bin/python bench/bench_generate.py --gpu             # GPU: a larger random model in bf16
     .venv/bin/python bench/bench_generate.py --hidden 256      # head size 64: vLLM's CPU build runs it too
 
@@ -16,22 +15,18 @@ base + adapter:
   original research scripts did;
 - (b) ``transformers.pipeline("text-generation", batch_size=B)`` on the ``PeftModel``
   with ``do_sample=False`` (the pipeline samples by default);
-- (c) this suite's engine (``datagen.generation``) as ``generate_data_finetuned.py`` runs it
-  by default (``--batch_size B``, ``--max_batch_tokens auto``): adapter merged, prompts
-  sorted by length into batches of B rows of the longest prompts and as many shorter
-  ones as fit the same token budget (so no batch holds a larger KV cache than the
-  pipeline's worst batch of B), left padding, greedy decoding in the engine's own loop,
-  records appended to a file as a run would.
+- (c) this suite's Hugging Face engine (``datagen.engine_hf`` through ``datagen.generation``)
+  as ``generate_data_finetuned.py`` runs it by default (``--batch_size B``,
+  ``--max_batch_tokens auto``): adapter merged, prompts sorted by length into batches of B
+  rows of the longest prompts and as many shorter ones as fit the same token budget (so no
+  batch holds a larger KV cache than the pipeline's worst batch of B), left padding, one
+  ``model.generate`` call per batch, records appended to a file as a run would.
 
 - (d) the same run on the vLLM engine (``datagen.engine_vllm``), when vLLM is installed
   (``make vllm``) and takes the model (its CPU build needs a head size of 32 or more:
   ``--hidden 256``): the adapter unmerged (vLLM applies LoRA per request), the same
-  batches handed to one ``llm.generate`` call each. Its text is the tokenizer's decoding
-  of vLLM's token ids, so equal text means equal ids.
-
-With ``--compile`` it also times (c+), the engine with ``--compile`` (``torch.compile``
-of the greedy loop's prefill and decode steps), after a first run that compiles, whose
-time is printed apart.
+  whole workload handed to vLLM's scheduler as one stream. Its text is the tokenizer's
+  decoding of vLLM's token ids, so equal text means equal ids.
 
 It checks that the methods produce identical greedy text (fp32 on CPU; in bf16 the merged
 weights round differently, so on GPU it reports how many match), and prints tokens per
@@ -103,16 +98,19 @@ def with_pipeline(pipe, prompts, max_new_tokens, batch_size):
     return [out[0]["generated_text"] for out in outputs]
 
 
-def with_engine(generator, prompts, max_new_tokens, batch_size, out_path, max_batch_tokens=None):
+def with_engine(make_engine, prompts, max_new_tokens, out_path):
+    """A run of ``generate_data_finetuned.py``'s kind on the engine ``make_engine()`` gives
+    (a fresh Hugging Face engine each run, so its batch counters are this run's)."""
     from datagen import generation, inputs
 
+    engine = make_engine()
     requests = [inputs.Request(f"r{i}", i, f"prompt {i}", text=p, raw=True) for i, p in enumerate(prompts)]
     out_path.unlink(missing_ok=True)
-    stats = generation.run_generation(generator, requests, out_path, inputs.Overrides(temperature=0, max_new_tokens=max_new_tokens),
-                                      batch_size, show_progress=False, max_batch_tokens=max_batch_tokens)
+    stats = generation.run_generation(engine, requests, out_path, inputs.Overrides(temperature=0, max_new_tokens=max_new_tokens),
+                                      show_progress=False)
     with open(out_path, encoding="utf-8") as handle:
         by_id = {r["custom_id"]: r for r in map(json.loads, handle)}
-    return [by_id[f"r{i}"]["generated_text"] for i in range(len(prompts))], stats
+    return [by_id[f"r{i}"]["generated_text"] for i in range(len(prompts))], (stats, engine)
 
 
 def start_vllm(base, adapter, dtype: str, context: int, gpu: bool):
@@ -167,8 +165,6 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=None, help="layers (default 2 on CPU, 16 with --gpu)")
     parser.add_argument("--gpu", action="store_true", help="run on CUDA in bf16 with a larger model")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--compile", action="store_true",
-                        help="also time (c+), the engine with --compile (torch.compile; its compile time is printed apart)")
     parser.add_argument("--large_batch", type=int, default=0,
                         help="also time the engine at this batch size (default 0: skip); the pipeline stays at B")
     parser.add_argument("--max_batch_tokens", default="auto",
@@ -216,8 +212,9 @@ def main(argv=None) -> int:
         peft_model.to(device).eval()
         pipe = transformers.pipeline("text-generation", model=peft_model, tokenizer=tokenizer, device=device)
         loaded = hf_model.load_model(str(base), str(adapter), dtype=dtype, device_map=str(device) if args.gpu else None)
-        generator = engine_hf.HFEngine(loaded)
-        compiled = engine_hf.HFEngine(loaded, compile=True) if args.compile else None
+        def hf_engine(batch_size=B):
+            return engine_hf.HFEngine(loaded, batch_size=batch_size, max_batch_tokens=budget)
+
         vllm_engine, vllm_why = None, "--vllm off"
         if args.vllm != "off":
             vllm_engine, vllm_why = start_vllm(base, adapter, dtype, 1024, args.gpu)
@@ -234,36 +231,30 @@ def main(argv=None) -> int:
         # Warm-ups, not timed.
         one_at_a_time(peft_model, tokenizer, prompts[:1], 2, device)
         with_pipeline(pipe, prompts[:2], 2, 2)
-        with_engine(generator, prompts[:2], 2, 2, tmp / "warm.jsonl")
+        with_engine(hf_engine, prompts[:2], 2, tmp / "warm.jsonl")
         if vllm_engine is not None:
-            with_engine(vllm_engine, prompts[:2], 2, 2, tmp / "warm.jsonl")
-        if compiled is not None:  # compiling is a one-time cost per process: timed, but apart
-            _, t_compile = timed(lambda: with_engine(compiled, prompts, N, B, tmp / "warm.jsonl", budget))
+            with_engine(lambda: vllm_engine, prompts[:2], 2, tmp / "warm.jsonl")
 
         sync = torch.cuda.synchronize if args.gpu else (lambda: None)
 
         # Interleaved rounds, so a burst of load elsewhere hits every method alike.
-        methods = {"c": lambda: with_engine(generator, prompts, N, B, tmp / "out.jsonl", budget),
+        methods = {"c": lambda: with_engine(hf_engine, prompts, N, tmp / "out.jsonl"),
                    "b": lambda: with_pipeline(pipe, prompts, N, B)}
         if not args.skip_one_at_a_time:
             methods["a"] = lambda: one_at_a_time(peft_model, tokenizer, prompts, N, device)
-        if compiled is not None:
-            methods["c+"] = lambda: with_engine(compiled, prompts, N, B, tmp / "compiled.jsonl", budget)
         if vllm_engine is not None:
-            methods["d"] = lambda: with_engine(vllm_engine, prompts, N, B, tmp / "vllm.jsonl", budget)
+            methods["d"] = lambda: with_engine(lambda: vllm_engine, prompts, N, tmp / "vllm.jsonl")
         if args.large_batch and args.large_batch != B:
-            methods["c2"] = lambda: with_engine(generator, prompts, N, args.large_batch, tmp / "large.jsonl", budget)
+            methods["c2"] = lambda: with_engine(lambda: hf_engine(args.large_batch), prompts, N, tmp / "large.jsonl")
         runs: dict[str, list] = {key: [] for key in methods}
         for _ in range(args.repeats):
             for key, fn in methods.items():
                 runs[key].append(timed(lambda: (fn(), sync())[0]))
         best = {key: min(values, key=lambda run: run[1]) for key, values in runs.items()}
-        (engine_texts, stats), t_engine = best["c"]
+        (engine_texts, (stats, engine)), t_engine = best["c"]
         tokens = stats.completion_tokens
         rows = [("(b) pipeline(batch_size=%d)" % B, best["b"][1], best["b"][0]),
                 ("(c) engine, batch %d" % B, t_engine, engine_texts)]
-        if "c+" in best:
-            rows.append(("(c+) engine --compile, batch %d" % B, best["c+"][1], best["c+"][0][0]))
         if "d" in best:
             rows.append(("(d) vLLM engine, batch %d" % B, best["d"][1], best["d"][0][0]))
         if "c2" in best:
@@ -281,12 +272,6 @@ def main(argv=None) -> int:
         print(f"\nengine vs pipeline, both batch {B}: {t_pipe / t_engine:.2f}x")
         if not args.skip_one_at_a_time:
             print(f"engine vs one prompt at a time: {t_one / t_engine:.1f}x")
-        if "c+" in best:
-            print(f"engine --compile vs pipeline, both batch {B}: {t_pipe / best['c+'][1]:.2f}x; vs one prompt at a "
-                  f"time: {t_one / best['c+'][1]:.1f}x" if "a" in best else
-                  f"engine --compile vs pipeline, both batch {B}: {t_pipe / best['c+'][1]:.2f}x")
-            print(f"  (compiling took place in a first run of {t_compile:.1f} s, against {t_engine:.2f} s for a run "
-                  "without it: a one-time cost per process, like loading the model)")
         if "d" in best:
             t_vllm = best["d"][1]
             print(f"vLLM engine vs this engine (Hugging Face), both batch {B}: {t_engine / t_vllm:.2f}x; "
@@ -297,8 +282,8 @@ def main(argv=None) -> int:
             print(f"engine at batch {args.large_batch} vs pipeline at batch {B}: {t_pipe / best['c2'][1]:.2f}x "
                   "(the engine halves a batch on out-of-memory, so a large batch is a safe request)")
         print(f"\npad tokens: {unsorted_pad_tokens(tokenizer, prompts, B):,} in input-order batches, "
-              f"{stats.pad_tokens:,} in the engine's length-sorted batches "
-              f"({stats.batches} batches with --max_batch_tokens {args.max_batch_tokens}; "
+              f"{engine.pad_tokens:,} in the engine's length-sorted batches "
+              f"({engine.batches} batches with --max_batch_tokens {args.max_batch_tokens}; "
               f"{-(-len(prompts) // B)} of {B} rows without a budget)")
         if args.gpu:
             bandwidth = measure_bandwidth(device)

@@ -4,14 +4,18 @@
 #
 #   bash bench/gpu_check.sh                  # ~0.6B-parameter random Llama-style model, bf16, on cuda
 #   bash bench/gpu_check.sh --layers 32      # ~1.2B
+#   bash bench/gpu_check.sh --static_cache   # also generate's static cache (transformers compiles it on CUDA)
 #   bash bench/gpu_check.sh --small          # hidden 256, 2 layers: runs anywhere (CPU too), to try the script
 #
 # It builds the model from a config in memory (random weights, a tokenizer trained on the
-# spot by datagen.tinymodel: nothing is downloaded), then prints
-#   - tokens/s of the engine's greedy decoding at batch 1 and at batch 64 (bf16),
+# spot by datagen.tinymodel: nothing is downloaded), streams the same greedy jobs through
+# the engine (datagen.engine_hf: length-sorted batches, one model.generate call each) and prints
+#   - tokens/s at batch 1 and at batch 64 (bf16),
 #   - how many batched greedy answers equal the unbatched ones (bf16 rounding differs
 #     with the batch shape: a count, not a failure),
-#   - how many answers of the engine's own greedy loop equal model.generate's,
+#   - with --static_cache, the same at batch 64 with the model's generation config asking
+#     for transformers' static cache (on CUDA generate then compiles the forward pass; its
+#     first, compiling run is timed apart) and how many answers equal the dynamic cache's,
 #   - tokens/s against the memory-bandwidth limit: each decode step reads every weight
 #     once, so at batch B no run beats B / (weight bytes / BANDWIDTH) tokens/s
 #     (default 4.3 TB/s, an H200's measured copy bandwidth; --bandwidth TB/s to change).
@@ -48,6 +52,8 @@ parser.add_argument("--prompts", type=int, default=64, help="prompts of the batc
 parser.add_argument("--single", type=int, default=16, help="of those, how many also run one at a time")
 parser.add_argument("--max_new_tokens", type=int, default=128)
 parser.add_argument("--bandwidth", type=float, default=4.3, help="memory bandwidth in TB/s for the limit")
+parser.add_argument("--static_cache", action="store_true",
+                    help="also time generate's static cache at the large batch (compiled by transformers on CUDA)")
 parser.add_argument("--init", type=float, default=0.1,
                     help="initializer range: above the usual 0.02 so random logits have fewer near-ties")
 args = parser.parse_args()
@@ -59,7 +65,7 @@ import torch
 import transformers
 
 from datagen import engine_hf, hf_model, model_files, tinymodel
-from datagen.engine import GenParams
+from datagen.engine import GenParams, Job
 from datagen.hf_model import LoadedModel
 
 transformers.utils.logging.set_verbosity_error()
@@ -83,9 +89,6 @@ model.generation_config.pad_token_id = None
 hf_model.setup_padding(tokenizer, model)
 files = model_files.ModelFiles("random-llama", config, tokenizer, "", "", {})  # no files: built in memory
 loaded = LoadedModel(model, files, "bfloat16", False, device)
-fast = engine_hf.HFEngine(loaded)  # the engine's own greedy loop
-plain = engine_hf.HFEngine(loaded, fast_greedy=False)  # model.generate
-assert fast.fast_greedy is not None, "the engine's greedy loop does not take this model"
 parameters = sum(p.numel() for p in model.parameters())
 weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 print(f"model: Llama-style, hidden {args.hidden}, {args.layers} layers, {heads} heads of 64, "
@@ -100,27 +103,27 @@ params = GenParams(max_new_tokens=args.max_new_tokens)
 sync = torch.cuda.synchronize if cuda else (lambda: None)
 
 
-def run(engine, batch):
-    """Greedy answers of every prompt in batches of ``batch``, and the seconds it took."""
+def run(batch, count):
+    """Greedy answers of the first ``count`` prompts, streamed through the engine in plain
+    batches of ``batch`` rows (no token budget), in input order, and the seconds it took."""
+    engine = engine_hf.HFEngine(loaded, batch_size=batch, max_batch_tokens=0)
+    jobs = [Job(i, ids, params, None, 0) for i, ids in enumerate(prompts[:count])]
     sync()
     start = time.perf_counter()
-    out = []
-    for i in range(0, len(batch_prompts), batch):
-        out += [s[0] for s in engine.generate_batch(batch_prompts[i:i + batch], params)]
+    answers = dict((job.item, samples[0]) for job, samples in engine.stream(jobs))
     sync()
-    return out, time.perf_counter() - start
+    return [answers[i] for i in range(count)], time.perf_counter() - start
 
 
 step_seconds = weight_bytes / (args.bandwidth * 1e12)  # the least a decode step can take
-batch_prompts = prompts[:2]
-run(fast, 2)  # warm-up: CUDA kernels, allocator
-run(plain, 2)
-
-batch_prompts = prompts[:args.single]
-single, t_single = run(fast, 1)
-batch_prompts = prompts
-batched, t_batched = run(fast, len(prompts))
-generated, t_generate = run(plain, len(prompts))
+run(2, 2)  # warm-up: CUDA kernels, allocator
+single, t_single = run(1, args.single)
+batched, t_batched = run(len(prompts), len(prompts))
+if args.static_cache:
+    model.generation_config.cache_implementation = "static"
+    _, t_compile = run(len(prompts), len(prompts))  # the first run compiles (on CUDA)
+    static, t_static = run(len(prompts), len(prompts))
+    model.generation_config.cache_implementation = None
 
 
 def tokens(samples):
@@ -137,16 +140,19 @@ print(f"\ngreedy, {args.max_new_tokens} new tokens, prompts of {min(map(len, pro
       f"{max(map(len, prompts))} tokens; limit = batch / ({weight_bytes / 1e9:.3f} GB / {args.bandwidth} TB/s "
       f"= {step_seconds * 1e3:.3f} ms a step)")
 print(f"{'run':<34}{'tokens':>8}{'seconds':>9}{'tok/s':>11}{'limit tok/s':>13}{'of it':>8}")
-line("engine loop, batch 1", single, t_single, 1)
-line(f"engine loop, batch {len(prompts)}", batched, t_batched, len(prompts))
-line(f"model.generate, batch {len(prompts)}", generated, t_generate, len(prompts))
+line("engine (generate), batch 1", single, t_single, 1)
+line(f"engine (generate), batch {len(prompts)}", batched, t_batched, len(prompts))
+if args.static_cache:
+    line(f"static cache, batch {len(prompts)}", static, t_static, len(prompts))
 key = lambda s: (s.text, s.completion_tokens, s.finish_reason)  # noqa: E731
 same_batch = sum(key(a) == key(b) for a, b in zip(single, batched))
-same_loop = sum(key(a) == key(b) for a, b in zip(batched, generated))
 print(f"\nbatched ({len(prompts)}) greedy answers equal to unbatched: {same_batch}/{len(single)}")
-print(f"engine loop's greedy answers equal to model.generate's (batch {len(prompts)}): {same_loop}/{len(prompts)}")
-print(f"engine loop vs model.generate at batch {len(prompts)}: {t_generate / t_batched:.2f}x; "
-      f"batch {len(prompts)} vs batch 1: {tokens(batched) / t_batched / (tokens(single) / t_single):.1f}x tok/s")
+print(f"batch {len(prompts)} vs batch 1: {tokens(batched) / t_batched / (tokens(single) / t_single):.1f}x tok/s")
+if args.static_cache:
+    same_static = sum(key(a) == key(b) for a, b in zip(static, batched))
+    print(f"static cache vs dynamic at batch {len(prompts)}: {t_batched / t_static:.2f}x "
+          f"(its first{', compiling,' if cuda else ''} run took {t_compile:.1f} s); "
+          f"answers equal: {same_static}/{len(prompts)}")
 if cuda:
     print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 1e9:.1f} GB")
 print(f"total {time.monotonic() - started:.0f} s")

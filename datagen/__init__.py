@@ -9,6 +9,7 @@ One home for each file format and each shared flag:
 - ``prompt_files``        prompts files of every supported kind, read as a stream of rows
 - ``prompts``             rows into prompts: fields, templates, conversations; the prompt flags
 - ``batchfile``           OpenAI Batch API input lines: endpoints, bodies, limits, part files
+- ``estimates``           token estimates (the enqueued-token limit) and dollar figures
 - ``openai_client``       the Batch API client: key file, batch-ids file, one-line API errors
 - ``openai_batch``        the Batch API commands behind batch_utils.py
 - ``batch_queue``         many parts within the enqueued-token limit, and the run's manifest
@@ -17,12 +18,11 @@ One home for each file format and each shared flag:
 - ``local_batch_server``  a local stand-in of the Files + Batches API (tests and the demo), over
                           ``local_batch_http`` (its HTTP front) and ``local_batch_answers`` (its fake answers)
 - ``inputs``              the fine-tuned route's requests, parameters, shards and adapters
-- ``generation``          its engine-independent run: rendering, batches, resume, failed records
+- ``generation``          its engine-independent run: rendering, one stream of jobs, resume, failed records
 - ``records``             its records, fingerprints, resume check, the lock on the output
 - ``model_files``         what a run checks and reads before any weights load: paths, tokenizers, adapters
-- ``engine``              the engine protocol; ``hf_model`` + ``engine_hf`` (Hugging Face, LoRA
-                          checks, greedy loop), ``engine_vllm`` (vLLM)
-- ``kvcache``             the greedy loop's KV cache, which writes each token in place
+- ``engine``              the engine protocol; ``hf_model`` + ``engine_hf`` (Hugging Face: LoRA
+                          checks, length-sorted batches on ``generate``), ``engine_vllm`` (vLLM)
 - ``tinymodel``           tiny models and LoRA adapters built on the spot (tests and the demo)
 - ``results``             raw results of both routes into one schema (reformat_results.py), over
                           ``result_answers``, ``result_lines``, ``result_requests``, ``result_store``,

@@ -410,6 +410,9 @@ def run_queue(session: Session, args, protected) -> int:
         adopt(session, manifest.parts, saved.ids, listed)
     elif not args.force:
         openai_batch.refuse_resubmission(session, digests, saved.ids)
+    if args.download:  # before anything is submitted: a new batch's results never replace another's
+        provenance.refuse_other_results(Path(args.download), [i for p in manifest.parts for i in p.batches],
+                                        f"the batches of {args.file}")
     if same_input and all(p.state in ENDED for p in manifest.parts) and manifest.downloaded and args.download \
             and Path(manifest.downloaded) == Path(args.download) and Path(args.download).exists():
         print(f"every part of {args.file} has ended and its results are in {args.download}; nothing to do "

@@ -13,8 +13,7 @@ files ``STEM.part-001.jsonl``, ``STEM.part-002.jsonl``, ... (``part_path``).
   ``datagen.params.check_body``), with file:line errors
 - ``request_to_prompt(request)``: a batch line back into a Prompt plus its sampling
   parameters, so the fine-tuned route answers the very same requests
-- ``estimate_tokens(url, body)``: the tokens one request counts against the API's
-  enqueued-token limit, as the suite estimates them (the local stand-in uses the same)
+- token estimates and prices: ``datagen.estimates`` (re-exported here)
 """
 
 from __future__ import annotations
@@ -30,23 +29,19 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from datagen import params as api_params
-from datagen.cli import add_flag, number
+from datagen.cli import add_flag
 from datagen.errors import UserError
 from datagen.jsonl import dumps_bytes, iter_jsonl, temp_path_beside
 from datagen.prompts import Prompt
+from datagen.estimates import (CHARS_PER_TOKEN, add_price_args, estimate_tokens, input_tokens,  # noqa: F401
+                               output_tokens, usd)
+from datagen.params import CHAT, COMPLETIONS, EMBEDDINGS, ENDPOINTS, MAX_TOKENS_FIELD, RESPONSES  # noqa: F401
 
 log = logging.getLogger("datagen")
 
-CHAT, RESPONSES, COMPLETIONS, EMBEDDINGS = (
-    "/v1/chat/completions", "/v1/responses", "/v1/completions", "/v1/embeddings")
-ENDPOINTS = (CHAT, RESPONSES, COMPLETIONS, EMBEDDINGS)
 MAX_REQUESTS = 50_000  # requests per input file (OpenAI's limit)
 MAX_BYTES = 200_000_000  # bytes per input file (OpenAI: 200 MB)
 
-# The body field that caps output length, per endpoint.
-MAX_TOKENS_FIELD = {CHAT: "max_completion_tokens", RESPONSES: "max_output_tokens", COMPLETIONS: "max_tokens"}
-CHARS_PER_TOKEN = 4  # rough English average: the token estimates are characters / 4, rounded up
-MESSAGE_OVERHEAD_CHARS = 4 * CHARS_PER_TOKEN  # a chat format spends about 4 tokens per message
 # Which generation parameters each endpoint accepts.
 SUPPORTED = {
     CHAT: {"temperature", "top_p", "max_tokens", "seed", "n", "stop", "response_format"},
@@ -72,66 +67,6 @@ class GenParams:
     def given(self) -> list[str]:
         return [name for name in ("temperature", "top_p", "max_tokens", "seed", "n", "stop", "response_format")
                 if getattr(self, name) is not None]
-
-
-# --- token estimates (the enqueued-token limit) ------------------------------------
-
-
-def _text_chars(value: Any) -> int:
-    """Characters of text in a prompt, input, instructions or messages value (message
-    contents and content parts included, plus a per-message overhead). A non-ASCII
-    character counts as a whole token (CJK, Cyrillic, emoji: about one token each or
-    more), so the estimate does not fall to a quarter of the bill on such text."""
-    if isinstance(value, str):
-        return len(value) + (CHARS_PER_TOKEN - 1) * (len(value) - len(value.encode("ascii", "ignore")))
-    if isinstance(value, list):
-        total = 0
-        for item in value:
-            if isinstance(item, dict):
-                inner = item.get("content") if "content" in item else item.get("text")
-                total += _text_chars(inner) + (MESSAGE_OVERHEAD_CHARS if "role" in item else 0)
-            else:
-                total += _text_chars(item)
-        return total
-    return 0
-
-
-SCHEMA_FIELDS = ("response_format", "text", "tools")  # sent to the model as input tokens too
-
-
-def input_tokens(body: dict) -> int:
-    """Estimated input tokens of one request body: its text characters / 4 (a non-ASCII
-    character one token), plus its schema and tools as JSON, rounded up (at least 1)."""
-    chars = sum(_text_chars(body.get(key)) for key in ("messages", "input", "prompt", "instructions"))
-    chars += sum(len(json.dumps(body[key], ensure_ascii=False)) for key in SCHEMA_FIELDS if body.get(key))
-    return max(1, -(-chars // CHARS_PER_TOKEN))
-
-
-def output_tokens(url: str, body: dict) -> int:
-    """The most output tokens one request may produce: its token cap x n (0 without a cap)."""
-    cap = body.get(MAX_TOKENS_FIELD.get(url, "max_tokens"))
-    if url == CHAT and cap is None:
-        cap = body.get("max_tokens")  # the older spelling chat still takes
-    n = body.get("n") if isinstance(body.get("n"), int) else 1
-    return cap * n if isinstance(cap, int) and not isinstance(cap, bool) else 0
-
-
-def estimate_tokens(url: str, body: dict) -> int:
-    """Tokens one request counts against a model's enqueued-token limit: estimated input
-    tokens plus the requested output cap. The client and the local stand-in share it."""
-    return input_tokens(body) + output_tokens(url, body)
-
-
-def add_price_args(group) -> None:
-    """--input_price / --output_price (USD per 1M tokens), for cost estimates and reports."""
-    add_flag(group, "input_price", type=number(0), default=None, metavar="USD",
-             help="price per 1M input tokens, for the cost estimate")
-    add_flag(group, "output_price", type=number(0), default=None, metavar="USD",
-             help="price per 1M output tokens; the estimate assumes --max_tokens x n per request")
-
-
-def usd(amount: float) -> str:
-    return f"${amount:,.2f}" if amount >= 1 else f"${amount:.4f}"
 
 
 def check_endpoint(endpoint: str) -> str:
@@ -508,27 +443,52 @@ class BatchFileSummary:
 PROMPTS_SUFFIXES = (".csv", ".tsv", ".json", ".parquet")  # prompts files that create_batchinput.py reads
 
 
+def first_line(path: str | os.PathLike):
+    """The first non-blank line of a file, parsed as JSON; None when it is absent, empty,
+    unreadable or not JSON (the full checks report those with file:line)."""
+    try:
+        with open(path, "rb") as handle:
+            for _ in range(100):  # a few blank lines at most, and never more than one batch file's size
+                raw = handle.readline(MAX_BYTES)
+                if not raw or raw.strip():
+                    break
+        return json.loads(raw) if raw.strip() else None
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+
+
+def is_batch_input(path: str | os.PathLike) -> bool:
+    """True when the first line of ``path`` is a Batch API request line
+    ``{"custom_id", "method", "url", "body"}``."""
+    line = first_line(path)
+    return isinstance(line, dict) and {"custom_id", "method", "url", "body"} <= set(line)
+
+
 def not_a_batch_input(path: Path) -> str | None:
     """One line saying what ``path`` is when it is plainly not a batch input (a prompts
-    file or dataset folder, or an OpenAI results file), and which command takes it; None
-    when it may be one (the full check decides)."""
+    file or dataset folder, an OpenAI results file, fine-tuned generations or a
+    reformatted file), and which command takes it; None when it may be one (the full
+    check decides)."""
     make = (f"{path} is a prompts file, not a batch input (OpenAI request lines); make one with: python "
             f"create_batchinput.py --input_file {path} --model_name MODEL --output_file batchinput.jsonl")
     if path.is_dir() or (path.is_file() and path.suffix.lower() in PROMPTS_SUFFIXES):
         return make
     if not path.is_file() or path.suffix != ".jsonl":
         return None
-    try:
-        with open(path, encoding="utf-8") as handle:
-            first = next((line for line in handle if line.strip()), "")
-        line = json.loads(first) if first else None
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None  # the full check reports it with file:line
+    line = first_line(path)
     if not isinstance(line, dict) or {"body", "url", "method"} & set(line):
         return None
+    reformat = f"reformat it with: python reformat_results.py --input_file {path} --batch_input BATCHINPUT.jsonl"
+    if "custom_id" in line and line.get("source") == "finetuned":
+        return f"{path} is a fine-tuned generations file (generate_data_finetuned.py), not a batch input; {reformat}"
     if "custom_id" in line and ("response" in line or "error" in line):
-        return (f"{path} is an OpenAI results file (Batch API output lines), not a batch input; reformat it with: "
-                f"python reformat_results.py --input_file {path} --batch_input BATCHINPUT.jsonl")
+        return f"{path} is an OpenAI results file (Batch API output lines), not a batch input; {reformat}"
+    if "id" in line and "generated_text" in line:
+        return (f"{path} is already reformatted (reformat_results.py output), not a batch input; compare it with: "
+                f"python reformat_results.py --compare {path} OTHER.jsonl --batch_input BATCHINPUT.jsonl")
+    if "id" in line and any(str(key).endswith(".status") for key in line):
+        return (f"{path} is a --compare table (reformat_results.py output), not a batch input; make one from the "
+                "prompts file with: python create_batchinput.py --input_file PROMPTS --model_name MODEL")
     return make
 
 

@@ -9,7 +9,9 @@ glob, or a generations file that does not exist but stands for its shards
 
 **Runs and their names.** The files of an argument are split into runs by the records'
 run identity (``datagen.result_runs``): a glob or stem over several adapters' files is one
-column per adapter. A run's column is its **run name, read from the records**, the same
+column per adapter; a download and its ``--retry_failed`` download given as two PATHs are
+one run (they answer one batch input), as in ``--input_file``; one id answered in one run
+with two generation settings is refused (``result_runs.generation_conflict``). A run's column is its **run name, read from the records**, the same
 however the run is given (stem, raw files, glob, reformatted files): the record's ``run``
 (``--adapter_path NAME=PATH``'s NAME, ``base``; older records: the adapter folder's name,
 else ``base``), the OpenAI model as requested. ``NAME=PATH`` sets it; a ``NAME=PATH``
@@ -47,7 +49,7 @@ from typing import Any, Iterable, Iterator
 from datagen import results
 from datagen.errors import UserError
 from datagen.jsonl import dumps_bytes, iter_jsonl_objects, loads
-from datagen.result_runs import FINETUNED, OPENAI, adapter_run_name
+from datagen.result_runs import FINETUNED, OPENAI, adapter_run_name, input_tokens
 
 log = logging.getLogger("datagen")
 
@@ -81,6 +83,7 @@ class Run:
     stray: int = 0  # ids the requests do not have (left out of the table)
     stray_ids: list[str] = field(default_factory=list)  # the first few of them
     no_id: int = 0  # failures without a custom_id: nothing to join them to
+    inputs: set = field(default_factory=set)  # the batch inputs its downloads answer (result_runs.input_tokens)
 
     def where(self) -> str:
         return str(self.paths[0]) + (f" (+{len(self.paths) - 1} files)" if len(self.paths) > 1 else "")
@@ -126,6 +129,9 @@ _NAME = re.compile(r"^[^=/\\*?\[\]]+$")
 def _split_name(text: str) -> tuple[str | None, str]:
     """``NAME=PATH`` -> (NAME, PATH); a path that holds '=' itself stays a path."""
     name, sep, rest = text.partition("=")
+    if sep and not name and rest and not Path(text).exists():
+        raise UserError(f"--compare {text}: the NAME before '=' is empty; give NAME=PATH, or PATH alone to "
+                        "name the run from its records")
     if sep and rest and _NAME.match(name) and not Path(text).exists():
         return name, rest
     return None, text
@@ -152,8 +158,9 @@ def expand_runs(patterns: Iterable[str]) -> list[Spec]:
                                 "the run's JSONL or Parquet output, or its raw results")
             other = seen.setdefault(file.resolve(), spec)
             if other is not spec:
-                raise UserError(f"--compare: {file} is in two runs ({other.text} and {spec.text}); "
-                                "name each run once")
+                given = f"{file} is given twice ({other.text} and {spec.text})" if other.text != spec.text \
+                    else f"{spec.text} is given twice"
+                raise UserError(f"--compare: {given}; give each run once")
     return specs
 
 
@@ -195,18 +202,19 @@ def _cell(rank: int, record: dict, kept: dict | None = None) -> bytes:
     return dumps_bytes(data)
 
 
-def _reformatted_key(obj: dict) -> tuple:
-    """The run identity of a reformatted record (``results.run_key`` on its columns)."""
+def _reformatted_key(obj: dict) -> tuple[tuple, str | None]:
+    """The run identity of a reformatted record (``results.run_key`` on its columns) and
+    its generation variant."""
     source = obj.get("source") or (FINETUNED if obj.get("adapter") else OPENAI)
     if source != FINETUNED:
-        return results.run_key(OPENAI, obj)
+        return results.run_key(OPENAI, obj), None
     details = obj.get("details")
     if isinstance(details, str):
         with contextlib.suppress(ValueError):
             details = loads(details)
     fingerprint = details.get("fingerprint") if isinstance(details, dict) else None
     named = obj if obj.get("run") else {**obj, "run": adapter_run_name(obj.get("adapter"))}
-    return results.run_key(FINETUNED, named, fingerprint=fingerprint or {})
+    return results.run_key(FINETUNED, named, fingerprint=fingerprint or {}), results.variant(fingerprint)
 
 
 class RunReader:
@@ -224,42 +232,46 @@ class RunReader:
         self.models: dict[int, tuple] = {}  # node -> (model, adapter)
         self.no_id: dict[int, int] = {}  # node -> failed lines without an id
 
-    def cells(self) -> Iterator[tuple[int, str, int, bytes]]:
+    def cells(self) -> Iterator[tuple[str, int, bytes, str | None, int]]:
         for number, path in enumerate(self.spec.paths):
             requested, roots = self.origins.of(path)
             for where, obj in _iter_lines(path):
-                custom_id, rank, record, extras, key = self._parse(obj, where, requested, roots)
+                custom_id, rank, record, extras, key, variant = self._parse(obj, where, requested, roots)
                 node = self.sorter.note(number, key)
                 if custom_id == "":
                     self.no_id[node] = self.no_id.get(node, 0) + 1
                     continue
                 if node not in self.models and (record.get("model") or record.get("adapter")):
                     self.models[node] = (record.get("model") or None, record.get("adapter") or None)
-                yield self.offset + node, custom_id, rank, _cell(rank, record, extras)
+                yield (custom_id, rank, _cell(rank, record, extras), variant, self.offset + node,
+                       results.asked_of(obj))
 
     def _parse(self, obj: dict, where: str, requested: str | None,
-               roots: frozenset | None) -> tuple[str, int, dict, dict | None, tuple | None]:
+               roots: frozenset | None) -> tuple[str, int, dict, dict | None, tuple | None, str | None]:
         if "custom_id" in obj:  # a raw line of either route
             kind = self.kinds.check(obj, where)
             if kind == FINETUNED:
                 result = results.finetuned_result(obj, where, self.options)
                 return result.custom_id, OK if result.ok else FAILED, result.record, None, \
-                    results.run_key(FINETUNED, obj)
+                    results.run_key(FINETUNED, obj), results.variant(obj.get("fingerprint"))
             result = results.openai_result(obj, where, self.options, requested)
             model = requested or result.record.get("model")
             key = results.run_key(OPENAI, {"model": model}, roots=roots) if model else None
-            return result.custom_id, OK if result.ok else FAILED, result.record, None, key
+            return result.custom_id, OK if result.ok else FAILED, result.record, None, key, None
         custom_id = obj.get("id")
         if not isinstance(custom_id, str):
             raise UserError(f"{where}: neither a raw result line (custom_id) nor a reformatted line (id); "
                             "give --compare the outputs of batch_utils.py, generate_data_finetuned.py "
                             "or reformat_results.py")
+        if "source" not in obj and results.compare_table_row(obj):
+            raise results.table_refusal(where)
         if "reason" in obj and "generated_text" not in obj:  # a line of a .failed.jsonl file
-            return custom_id, MISSING if obj["reason"] == "missing" else FAILED, obj, None, None
+            return custom_id, MISSING if obj["reason"] == "missing" else FAILED, obj, None, None, None
         extras = {k: v for k, v in obj.items() if k not in results.COLUMNS and k not in results.OLD_COLUMNS}
         for name, value in extras.items():
             self.kept.setdefault(name, set()).add(type(value).__name__)
-        return custom_id, OK, obj, extras, _reformatted_key(obj)
+        key, variant = _reformatted_key(obj)
+        return custom_id, OK, obj, extras, key, variant
 
 
 def check_names(runs: list[Run], taken: Iterable[str], long: bool) -> None:
@@ -298,34 +310,31 @@ class CompareStore(results.ResultStore):
     """A ResultStore with one more table: every run's cells (its best result per id is
     picked by rank when reading)."""
 
+    ANSWERS = ("cells", "node")  # what answers say they asked is checked here (``asked_elsewhere``)
+
     def __init__(self, tmp_dir: str | None = None):
         super().__init__(tmp_dir)
         try:
             with self._faults():
-                self.db.execute("CREATE TABLE cells (run INTEGER NOT NULL, custom_id TEXT NOT NULL, "
-                                "rank INTEGER NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL)")
+                self.db.execute("CREATE TABLE cells (custom_id TEXT NOT NULL, rank INTEGER NOT NULL, "
+                                "offset INTEGER NOT NULL, length INTEGER NOT NULL, variant TEXT, "
+                                "node INTEGER NOT NULL, run INTEGER, asked TEXT)")
         except BaseException:
             self.close()
             raise
 
-    def add_cells(self, rows: Iterable[tuple[int, str, int, bytes]]) -> int:
-        """``(node, custom_id, rank, cell_json)`` rows; ``node`` becomes a run in ``set_runs``."""
-        nodes: list[int] = []
-
-        def split() -> Iterator[tuple[str, int, bytes]]:
-            for node, custom_id, rank, cell in rows:
-                nodes.append(node)
-                yield custom_id, rank, cell
-
-        spooled = ((nodes.pop(), *row) for row in self._spooled(split()))
-        return self._insert("INSERT INTO cells VALUES (?, ?, ?, ?, ?)", spooled)
+    def add_cells(self, rows: Iterable[tuple[str, int, bytes, str | None, int, str | None]]) -> int:
+        """``(custom_id, rank, cell_json, variant, node, asked)`` rows; ``node`` becomes a run in
+        ``set_runs``; ``asked``: what a fine-tuned record says it asked (``results.asked_of``)."""
+        return self._insert("INSERT INTO cells (custom_id, rank, offset, length, variant, node, asked) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?)", self._spooled(rows))
 
     def set_runs(self, run_of: list[int]) -> None:
         """Every cell's node (a run identity) into the number of its run."""
         with self._faults():
             self.db.execute("CREATE TABLE runmap (node INTEGER PRIMARY KEY, run INTEGER NOT NULL)")
             self.db.executemany("INSERT INTO runmap VALUES (?, ?)", enumerate(run_of))
-            self.db.execute("UPDATE cells SET run = (SELECT m.run FROM runmap m WHERE m.node = cells.run)")
+            self.db.execute("UPDATE cells SET run = (SELECT m.run FROM runmap m WHERE m.node = cells.node)")
 
     def strays(self, limit: int = 3) -> dict[int, tuple[int, list[str]]]:
         """Per run: how many of its ids the requests do not have, and the first few."""
@@ -341,14 +350,14 @@ class CompareStore(results.ResultStore):
         return found
 
     def table_rows(self) -> Iterator[tuple]:
-        """``(key, custom_id, keep, meta, run, rank, offset, length)`` grouped by request
+        """``(key, custom_id, keep, meta, run, rank, offset, length, variant, node)`` grouped by request
         (key), each run's best cell first (ok, then failed, then missing; then first read).
         With requests, only their ids; without, every id of every run."""
         with self._faults():
             self.db.execute("CREATE INDEX cells_by_id ON cells (custom_id, run, rank DESC)")
         self._index()
         lookups = "(SELECT m.keep FROM meta m WHERE m.custom_id = {0} ORDER BY m.pos LIMIT 1)"
-        cells = "c.run, c.rank, c.offset, c.length"
+        cells = "c.run, c.rank, c.offset, c.length, c.variant, c.node"
         natural = "ORDER BY natural_key(c.custom_id), c.custom_id, c.run, c.rank DESC, c.rowid"
         with self._faults():
             self.spool.flush()
@@ -363,27 +372,34 @@ class CompareStore(results.ResultStore):
 
 
 def _groups(rows: Iterable[tuple]) -> Iterator[tuple[str, bytes | None, bytes | None, dict]]:
-    """Per request: (custom_id, keep, meta, {run: (rank, offset, length)}), each run's best cell."""
-    key, current = object(), None
+    """Per request: (custom_id, keep, meta, {run: (rank, offset, length)}), each run's best cell.
+    Two generation variants of one id in one run raise ``VariantConflict`` (nodes as files)."""
+    key, current, variants = object(), None, {}
     for row in rows:
         if row[0] != key:
             if current is not None:
                 yield current
-            key = row[0]
+            key, variants = row[0], {}
             current = (row[1], row[2], row[3], {})
-        run = row[4]
+        run, variant = row[4], row[8]
         if run is not None and run not in current[3]:
-            current[3][run] = row[5:]
+            current[3][run] = row[5:8]
+        if variant is not None:
+            seen = variants.setdefault(run, (row[9], variant))
+            if seen[1] != variant:
+                raise results.VariantConflict(row[1], seen, (row[9], variant), run)
     if current is not None:
         yield current
 
 
 def _read_runs(store: CompareStore, specs: list[Spec], options: results.ResultOptions,
-               kept_types: dict[str, set[str]]) -> list[Run]:
+               kept_types: dict[str, set[str]]) -> tuple[list[Run], list[Path]]:
     """Read every argument's files into the store; split each into its runs (one per run
-    identity, ``datagen.result_runs``) and number the cells by run."""
+    identity, ``datagen.result_runs``) and number the cells by run. Returns the runs and
+    the file of each node."""
     runs: list[Run] = []
     run_of: list[int] = []
+    node_files: list[Path] = []
     for spec in specs:
         sorter = results.RunSorter(spec.paths)
         reader = RunReader(spec, options, kept_types, sorter, len(run_of))
@@ -395,12 +411,24 @@ def _read_runs(store: CompareStore, specs: list[Spec], options: results.ResultOp
             raise UserError(f"--compare {spec.text} holds {len(found)} runs: {results.describe_runs(found)}; "
                             "a NAME names one run: give each run its own NAME=PATH, or drop the name to "
                             "have a column per run")
-        first = len(runs)
+        numbers = []  # the number of each found run among all runs
         for one in found:
-            runs.append(Run(spec.name or one.name, one.files, spec))
+            _place_empty_files(one, spec.paths)
+            inputs = input_tokens(one.keys)
+            # A download and its --retry_failed download given as two PATHs: one run, as in --input_file.
+            same = next((k for k, run in enumerate(runs) if inputs & run.inputs and spec.name is None
+                         and run.spec.name is None), None)
+            if same is None:
+                numbers.append(len(runs))
+                runs.append(Run(spec.name or one.name, one.files, spec, inputs=inputs))
+            else:
+                numbers.append(same)
+                runs[same].paths += one.files
+                runs[same].inputs |= inputs
         for node, index in enumerate(sorter.run_of):
-            run = runs[first + index]
-            run_of.append(first + index)
+            run = runs[numbers[index]]
+            run_of.append(numbers[index])
+            node_files.append(sorter.file_of(node))
             run.no_id += reader.no_id.get(node, 0)
             if run.model is None and node in reader.models:
                 run.model, run.adapter = reader.models[node]
@@ -411,7 +439,28 @@ def _read_runs(store: CompareStore, specs: list[Spec], options: results.ResultOp
             log.warning("%s: %d failed line(s) without a custom_id cannot be joined and are left out",
                         run.where(), run.no_id)
     store.set_runs(run_of)
-    return runs
+    return runs, node_files
+
+
+def _place_empty_files(run: "results.FoundRun", paths: list[Path]) -> None:
+    """A results file without lines (every request failed) joins the run of the error file
+    beside it, so the run is named by its results file, not by its side file alone."""
+    for path in paths:
+        side = {path.with_name(path.name + ".errors.jsonl"), path.with_name(path.stem + ".failed.jsonl")}
+        if path not in run.files:
+            at = next((k for k, f in enumerate(run.files) if f in side), None)
+            if at is not None:
+                run.files.insert(at, path)
+
+
+def _conflict_error(conflict: results.VariantConflict, runs: list[Run], node_files: list[Path]) -> UserError:
+    run = runs[conflict.run]
+    found = []
+    for node, wanted in (conflict.first, conflict.second):
+        lines = (obj for _, obj in _iter_lines(node_files[node]))
+        found.append((node_files[node], results.generation_of(lines, conflict.custom_id, wanted)))
+    return results.generation_conflict(conflict.custom_id, run.name, found[0], found[1],
+                                       f"--compare {run.spec.text}: ")
 
 
 def compare(specs: list[Spec], output: Path, *, requests: results.Requests | None = None,
@@ -427,10 +476,11 @@ def compare(specs: list[Spec], output: Path, *, requests: results.Requests | Non
     table = Table()
     kept_types: dict[str, set[str]] = {}
     with CompareStore(tmp_dir) as store:
-        runs = table.runs = _read_runs(store, specs, options, kept_types)
+        runs, node_files = _read_runs(store, specs, options, kept_types)
+        table.runs = runs
         keep_types: dict[str, set[str]] = {name: set() for name in keep_fields}
         if requests is not None:
-            results.load_requests(store, requests, keep_fields, keep_types, results.Summary())
+            results.load_requests(store, requests, keep_fields, keep_types, results.Summary(), node_files)
             for number, (count, ids) in store.strays().items():
                 runs[number].stray, runs[number].stray_ids = count, ids
         else:  # the fields the reformatted files kept
@@ -447,18 +497,22 @@ def compare(specs: list[Spec], output: Path, *, requests: results.Requests | Non
 
         types = {**{c: pa.string() for c in columns}, **results.arrow_types(keep_types, ["id", *keep_fields]),
                  **({"sample": pa.int64()} if long else {})}
-        with results.open_sink(output, columns, types) as sink, contextlib.closing(store.table_rows()) as rows:
-            for custom_id, keep, meta, cells in progress(_groups(rows), desc="writing", unit="request"):
-                table.requests += 1
-                data = [loads(store.record(*cells[n][1:])) if n in cells else {} for n in range(len(runs))]
-                if requests is not None:
-                    fields = loads(results.merge_keep(keep_fields, keep, meta))
-                else:  # the first run's that kept any
-                    kept = next((d["kept"] for d in data if d.get("kept")), {})
-                    fields = {name: kept.get(name) for name in keep_fields}
-                for row in _table_rows(custom_id, fields, runs, cells, data, long):
-                    table.rows += 1
-                    sink.write(dumps_bytes(row))
+        try:
+            with results.open_sink(output, columns, types) as sink, \
+                    contextlib.closing(store.table_rows()) as rows:
+                for custom_id, keep, meta, cells in progress(_groups(rows), desc="writing", unit="request"):
+                    table.requests += 1
+                    data = [loads(store.record(*cells[n][1:])) if n in cells else {} for n in range(len(runs))]
+                    if requests is not None:
+                        fields = loads(results.merge_keep(keep_fields, keep, meta))
+                    else:  # the first run's that kept any
+                        kept = next((d["kept"] for d in data if d.get("kept")), {})
+                        fields = {name: kept.get(name) for name in keep_fields}
+                    for row in _table_rows(custom_id, fields, runs, cells, data, long):
+                        table.rows += 1
+                        sink.write(dumps_bytes(row))
+        except results.VariantConflict as conflict:  # one id with two generation settings in one run
+            raise _conflict_error(conflict, runs, node_files) from None
     return table
 
 

@@ -1,15 +1,18 @@
 """The seam between the engine-independent generation run and the engines.
 
 ``datagen.generation`` reads requests, renders prompts (chat template) and tokenizes
-them once, decides the effective parameters, resumes, shards and writes records. An
-engine (``datagen.engine_hf``: Hugging Face ``generate`` and our greedy loop;
-``datagen.engine_vllm``: vLLM) only turns a batch of prompt token ids plus one set of
-parameters into samples. Both engines get exactly the same token ids, so their outputs
-can be compared token for token.
+them once, decides the effective parameters, resumes, shards and writes records. It
+hands an engine (``datagen.engine_hf``: Hugging Face ``generate``; ``datagen.engine_vllm``:
+vLLM) one lazy iterator of ``Job``s, every pending (request, adapter) pair of the run;
+the engine schedules them itself and yields each job's samples as soon as they are done,
+in any order. Both engines get exactly the same token ids, so their outputs can be
+compared token for token. The run imports nothing from an engine module.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -22,7 +25,7 @@ DEFAULT_SEED = 0
 
 @dataclass(frozen=True)
 class GenParams:
-    """The effective parameters of one request; requests batch together only when equal."""
+    """The effective parameters of one request."""
 
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     do_sample: bool = False
@@ -59,26 +62,57 @@ class Sample:
     logprobs: list[dict] | None = None  # per token: {"token", "logprob", "top_logprobs": [...]} (OpenAI's shape)
 
 
+@dataclass
+class Job:
+    """One (request, adapter) pair of a run, ready for an engine."""
+
+    item: Any  # the run's own handle, returned untouched
+    input_ids: list[int]  # the prompt's token ids, rendered and tokenized by the run
+    params: GenParams  # effective parameters of this request
+    adapter: str | None  # which adapter answers (None: the base model)
+    seed: int  # this request's seed: request_seed(run seed, custom_id), made by the run
+
+
+def request_seed(seed: int, custom_id: str) -> int:
+    """The seed of one request, from the run's seed and its ``custom_id`` (a 63-bit int): a
+    request samples the same way whatever runs beside it, and seeds of different requests
+    are far apart (vLLM gives a request's k-th sample the seed + k)."""
+    digest = hashlib.sha256(f"{seed}\0{custom_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def cut_at_stop(text: str, stops: Iterable[str]) -> tuple[str, bool]:
+    """Text up to the earliest stop string (not included), and whether one was found."""
+    best = None
+    for stop in stops:
+        pos = text.find(stop)
+        if pos >= 0 and (best is None or pos < best):
+            best = pos
+    return (text, False) if best is None else (text[:best], True)
+
+
 class Engine(Protocol):
     """What the run needs of an engine."""
 
     name: str  # "hf" | "vllm": in every record's engine field and its fingerprint
     model_name: str  # the base model as given
-    tokenizer: Any  # a Hugging Face tokenizer: the run renders and tokenizes with it
     context_length: int | None  # positions the model takes (prompt + new tokens), None if unknown
     adapters: list  # what can answer: adapter names, and None for the base model alone
 
     def provenance(self, adapter: str | None) -> Any:
         """The ``records.Provenance`` of records answered by ``adapter`` (model, adapter and
-        engine identity: name, dtype, merged, versions)."""
+        engine identity: name, dtype, merged, versions, and "decoding": how it decodes and seeds)."""
 
-    def generate(self, prompts: list[list[int]], params: GenParams, adapters: list[str | None],
-                 seed: int) -> list[list[Sample]]:
-        """For each prompt (token ids), answered by its entry of ``adapters``,
-        ``params.num_return_sequences`` samples, in order. ``seed`` seeds this batch's
-        sampling. The run has checked each prompt's length against ``context_length``.
-        ``RequestRejected`` for a request the engine refuses: the run then retries the
-        batch's requests one by one and writes the refused one as a failed record."""
+    def tokenizer_for(self, adapter: str | None) -> Any:
+        """The Hugging Face tokenizer of ``adapter``'s prompts and answers (its own, else the base's)."""
+
+    def stream(self, jobs: Iterable[Job]) -> Iterator[tuple[Job, list[Sample] | RequestRejected]]:
+        """Answer every job; yield (job, samples) or (job, RequestRejected) as each finishes.
+
+        ``jobs`` is lazy: the engine takes as many as it schedules at once. Each job gets
+        ``job.params.num_return_sequences`` samples. The run has checked each prompt's
+        length against ``context_length``; a job the engine refuses is yielded with its
+        ``RequestRejected`` (the run writes a failed record), the others go on."""
 
 
 class RequestRejected(Exception):

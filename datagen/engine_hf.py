@@ -1,26 +1,40 @@
-"""The Hugging Face engine: batches of prompt token ids into samples, on a loaded model.
+"""The Hugging Face engine: a stream of jobs answered with transformers' own ``generate``.
 
-Greedy batches run in the engine's own decoding loop over the KV cache
-(``datagen.kvcache``): the same argmax as ``model.generate(do_sample=False)`` for a model
-whose generation config adds no logits processor (``_fast_greedy_inputs`` checks), without
-its per-step machinery, dropping rows as they finish; ``--compile`` runs the loop's model
-calls through ``torch.compile``. Sampling, stop strings and other models go through
-``model.generate``. Stop strings are cut from the text, and completion tokens counted up to
-the stop.
+``HFEngine.stream(jobs)`` is the engine protocol of ``datagen.engine``. What the engine adds
+to ``model.generate`` is the batching, which ``generate`` leaves to its caller:
+
+- it takes ``WINDOW`` jobs at a time, groups them by (parameters, adapter), sorts each group
+  by prompt length (longest first, so an out-of-memory error shows early) and cuts it into
+  batches (``plan_batches``): ``batch_size`` rows of the longest prompts, and as many shorter
+  ones as fit the same token budget (``max_batch_tokens``);
+- each batch is one ``model.generate`` call with left padding; the adapter is merged into the
+  weights when one adapter runs (``datagen.hf_model``), else the PeftModel switches adapters
+  per batch over one copy of the base;
+- an out-of-memory error halves the batch size and the budget for the rest of the run;
+- sampling seeds one random stream per batch from the batch's job seeds, so a request's
+  samples depend on which requests share its batch (the records' engine field says so:
+  ``hf_model.DECODING``).
+
+EOS is the answering adapter's tokenizer's (and the model's); stop strings go to ``generate``
+and are cut from the text, completion tokens counted up to the stop.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
-import time
-from typing import Iterable, NamedTuple
+from itertools import islice
+from typing import Iterable, Iterator
 
-from datagen.engine import GenParams, Sample
-from datagen.errors import UserError, first_line
-from datagen.hf_model import LoadedModel
+from datagen.engine import GenParams, Job, RequestRejected, Sample, cut_at_stop
+from datagen.errors import UserError
+from datagen.hf_model import LoadedModel, peft_name
 
 log = logging.getLogger("datagen")
+
+WINDOW = 8192  # jobs taken from the stream, grouped and sorted by length together (bounds memory)
+BUDGET_ROWS_FACTOR = 8  # with a token budget, a batch holds at most this many times batch_size prompts
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -33,120 +47,68 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-# Generation-config settings under which greedy ``generate`` only takes the argmax:
-# anything else (a repetition penalty, banned words, forced tokens, ...) adds a logits
-# processor, and then the engine calls ``generate`` itself.
-_NEUTRAL_GENERATION = {"repetition_penalty": (None, 1.0), "encoder_repetition_penalty": (None, 1.0),
-                       "no_repeat_ngram_size": (None, 0), "encoder_no_repeat_ngram_size": (None, 0),
-                       "bad_words_ids": (None,), "sequence_bias": (None,), "suppress_tokens": (None,),
-                       "begin_suppress_tokens": (None,), "forced_bos_token_id": (None,),
-                       "forced_eos_token_id": (None,), "min_length": (None, 0), "min_new_tokens": (None, 0),
-                       "exponential_decay_length_penalty": (None,), "renormalize_logits": (None, False),
-                       "watermarking_config": (None,), "forced_decoder_ids": (None,), "num_beams": (None, 1),
-                       "guidance_scale": (None, 1.0), "low_memory": (None, False), "penalty_alpha": (None,),
-                       "dola_layers": (None,), "assistant_model": (None,), "prompt_lookup_num_tokens": (None,)}
+def plan_batches(jobs: list, batch_size: int, max_new_tokens: int = 0,
+                 max_batch_tokens: int | None = 0) -> list[list]:
+    """Sort by prompt length (longest first; ties keep their order) and cut into batches
+    (of ``Job``s, or anything with ``input_ids``).
 
-
-class FastGreedy(NamedTuple):
-    """How the engine's own greedy loop calls a model (see ``_fast_greedy_inputs``)."""
-
-    cache_key: str  # name of the KV-cache argument
-    keep_key: str | None  # name of the logits_to_keep argument, if any
-    decode_mask: str | None  # "bool" (sdpa) | "float" (eager): the loop builds decode masks itself
-
-
-def _decode_mask_kind(base) -> str | None:
-    """The 4D mask kind a decode step of ``base`` uses, when the loop can build it itself.
-
-    For one new token of a causal model with full attention in every layer, the mask
-    transformers builds is the padding mask (the query sees every earlier key): a boolean
-    ``(rows, 1, 1, keys)`` tensor for sdpa, the same as 0 / dtype-minimum floats for eager.
-    A prepared 4D mask is passed through as-is, which spares the per-step mask
-    construction (about a fifth of a decode step on a small model). Sliding-window,
-    chunked or bidirectional attention, and other attention kernels, keep transformers' masks.
+    ``max_batch_tokens`` 0: batches of ``batch_size`` prompts. Otherwise a token budget
+    (lm-eval-harness / vLLM style): a batch takes prompts while its rows times (its
+    longest prompt + ``max_new_tokens``), the KV cache it holds at the end, stay within
+    the budget, so short prompts go in bigger batches (at most ``BUDGET_ROWS_FACTOR`` x
+    ``batch_size`` rows). ``None`` (auto): the budget is what ``batch_size`` rows of the
+    longest prompt take, so no batch holds a larger KV cache than a plain batch of
+    ``batch_size`` prompts would at its largest.
     """
-    config = base.config
-    if not getattr(config, "is_causal", True) or getattr(config, "attention_chunk_size", None):
-        return None
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None:
-        if any(kind != "full_attention" for kind in layer_types):
-            return None
-    elif getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        return None
-    return {"sdpa": "bool", "eager": "float"}.get(getattr(config, "_attn_implementation", None))
+    ordered = sorted(jobs, key=lambda job: -len(job.input_ids))
+    if max_batch_tokens == 0 or not ordered:
+        return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+    if max_batch_tokens is None:
+        max_batch_tokens = batch_size * (len(ordered[0].input_ids) + max_new_tokens)
+    max_rows = BUDGET_ROWS_FACTOR * batch_size
+    batches: list[list] = []
+    current: list = []
+    for job in ordered:
+        width = len(current[0].input_ids) if current else len(job.input_ids)  # longest first
+        if current and (len(current) >= max_rows or (len(current) + 1) * (width + max_new_tokens) > max_batch_tokens):
+            batches.append(current)
+            current = []
+        current.append(job)
+    batches.append(current)
+    return batches
 
 
-def _fast_greedy_inputs(model) -> FastGreedy | None:
-    """How to call ``model`` in the engine's own greedy loop, when that loop computes
-    exactly what ``model.generate`` would; else None.
-
-    Only a decoder-only model whose inputs for generation are the standard ones (it
-    does not override ``prepare_inputs_for_generation``) and whose generation config
-    adds no logits processor qualifies (a PeftModel is judged by its base model).
-    """
-    import inspect
-
-    from transformers import GenerationMixin
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(base, "config", None)
-    if config is None or getattr(config, "is_encoder_decoder", False) or not isinstance(base, GenerationMixin):
-        return None
-    if type(base).prepare_inputs_for_generation is not GenerationMixin.prepare_inputs_for_generation:
-        return None
-    generation_config = getattr(base, "generation_config", None)
-    for name, neutral in _NEUTRAL_GENERATION.items():
-        if getattr(generation_config, name, None) not in neutral:
-            return None
-    try:
-        parameters = set(inspect.signature(base.forward).parameters)
-    except (TypeError, ValueError):
-        return None
-    if "position_ids" not in parameters or "attention_mask" not in parameters:
-        return None
-    cache_key = "cache" if "cache" in parameters else "past_key_values" if "past_key_values" in parameters else None
-    if cache_key is None:
-        return None
-    # An unmerged PeftModel runs the LoRA pass through peft's forward: masks are the base's.
-    return FastGreedy(cache_key, "logits_to_keep" if "logits_to_keep" in parameters else None,
-                      _decode_mask_kind(base))
-
-
-def cut_at_stop(text: str, stops: Iterable[str]) -> tuple[str, bool]:
-    """Text up to the earliest stop string (not included), and whether one was found."""
-    best = None
-    for stop in stops:
-        pos = text.find(stop)
-        if pos >= 0 and (best is None or pos < best):
-            best = pos
-    return (text, False) if best is None else (text[:best], True)
+def batch_seed(seeds: list[int]) -> int:
+    """The seed of one batch's random stream, from its jobs' seeds in batch order: the same
+    batch samples the same way in every run; another batch draws other numbers."""
+    digest = hashlib.sha256("\n".join(map(str, seeds)).encode("ascii")).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 class HFEngine:
-    """Generates batches of prompt token ids on a loaded Hugging Face model (the engine
-    protocol of ``datagen.engine``)."""
+    """Answers a stream of jobs on a loaded Hugging Face model (the engine protocol of
+    ``datagen.engine``), in length-sorted batches of ``batch_size`` rows of the longest
+    prompts within a token budget (``max_batch_tokens``: None auto, 0 off, else tokens)."""
 
     name = "hf"
 
-    def __init__(self, loaded: LoadedModel, fast_greedy: bool = True, compile: bool = False):
+    def __init__(self, loaded: LoadedModel, batch_size: int = 32, max_batch_tokens: int | None = None,
+                 window: int = WINDOW):
+        if batch_size < 1:
+            raise UserError(f"--batch_size must be at least 1, got {batch_size}")
+        if max_batch_tokens is not None and max_batch_tokens < 0:
+            raise UserError(f"--max_batch_tokens must be 0 (off), auto or a positive number, got {max_batch_tokens}")
         self.loaded = loaded
         self.files = loaded.files  # config, tokenizers (the base's and each adapter's), adapters
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id
-        # None: always use model.generate (asked for, or the model is not one the loop knows).
-        self.fast_greedy = _fast_greedy_inputs(self.model) if fast_greedy else None
-        if compile and self.fast_greedy is None:
-            raise UserError("--compile compiles the engine's greedy decoding loop, which "
-                            + ("--use_generate turns off: drop one of the two" if not fast_greedy else
-                               f"{loaded.model_name} cannot use (its generation config adds a logits processor "
-                               "or its inputs are not the standard ones): drop --compile"))
-        self.compile = compile
-        self._compiled = None  # the torch.compile'd model, built on first use
-        self._compile_timed = [False, False]  # prefill, decode step: compile time logged once
-        self._mask_dtype = self.model.get_input_embeddings().weight.dtype  # eager masks: the activations' dtype
+        self.batch_size = batch_size  # halved on out-of-memory, for the rest of the run
+        self.max_batch_tokens = max_batch_tokens  # likewise (when a number)
+        self.window = window
+        self.batches = 0  # batches generated
+        self.pad_tokens = 0  # pad tokens in them (what sorting by length saves)
 
     @property
     def context_length(self) -> int | None:
@@ -172,29 +134,56 @@ class HFEngine:
         """The tokenizer of ``adapter``'s prompts and answers: its own, else the base's."""
         return self.loaded.files.tokenizer_for(adapter)
 
-    def _eos_for(self, tokenizer) -> set[int]:
-        return self.eos_ids if tokenizer is self.tokenizer else _eos_ids(self.model, tokenizer)
+    # -- the stream
 
-    def warning_for(self, params: GenParams) -> str | None:
-        """Said once per set of parameters: --compile does not reach sampling or stop strings."""
-        if self.compile and (params.do_sample or params.stop):
-            return ("--compile speeds up greedy decoding only: requests "
-                    f"{'that sample' if params.do_sample else 'with stop strings'} go through model.generate, "
-                    "uncompiled")
-        return None
+    def stream(self, jobs: Iterable[Job]) -> Iterator[tuple[Job, list[Sample] | RequestRejected]]:
+        """The engine protocol (``datagen.engine.Engine``): every job answered, each batch's
+        jobs yielded as soon as the batch is done."""
+        jobs = iter(jobs)
+        budget = "auto" if self.max_batch_tokens is None else self.max_batch_tokens or "off"
+        log.info("hf engine: model.generate on length-sorted batches of up to %d of the longest prompts "
+                 "(token budget %s)", self.batch_size, budget)
+        while window := list(islice(jobs, self.window)):
+            groups: dict[tuple, list[Job]] = {}
+            for job in window:
+                groups.setdefault((job.params, job.adapter), []).append(job)
+            for (params, adapter), group in groups.items():
+                yield from self._run_group(group, params, adapter)
 
-    def generate(self, prompts: list[list[int]], params: GenParams, adapters: list[str | None],
-                 seed: int) -> list[list[Sample]]:
-        """The engine protocol (``datagen.engine.Engine``): each prompt answered by its adapter
-        (None: the base model); prompts of one adapter go through the model together."""
-        results: list[list[Sample] | None] = [None] * len(prompts)
-        for adapter in dict.fromkeys(adapters):
-            rows = [i for i, name in enumerate(adapters) if name == adapter]
-            with self._using(adapter):
-                answers = self.generate_batch([prompts[i] for i in rows], params, seed, adapter)
-            for i, samples in zip(rows, answers):
-                results[i] = samples
-        return results
+    def _run_group(self, group: list[Job], params: GenParams, adapter: str | None):
+        pending = plan_batches(group, self.batch_size, params.max_new_tokens, self.max_batch_tokens)
+        while pending:
+            batch = pending.pop(0)
+            try:
+                with self._using(adapter):
+                    results = self.generate_batch([job.input_ids for job in batch], params,
+                                                  batch_seed([job.seed for job in batch]), adapter)
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                pending = self._halve(batch, pending, params)
+                continue
+            width = max(len(job.input_ids) for job in batch)
+            self.batches += 1
+            self.pad_tokens += sum(width - len(job.input_ids) for job in batch)
+            yield from zip(batch, results)
+
+    def _halve(self, batch: list[Job], pending: list[list[Job]], params: GenParams) -> list[list[Job]]:
+        """After an out-of-memory error: halve the batch size (and token budget), plan again."""
+        _free_memory()
+        if len(batch) == 1:
+            raise UserError(f"out of memory even at batch size 1 ({len(batch[0].input_ids)} prompt tokens + "
+                            f"{params.max_new_tokens} new); lower --max_new_tokens, use --dtype bfloat16, or "
+                            "spread the model over more GPUs with --device_map auto") from None
+        # A token-budget batch can hold more than batch_size short prompts: halve what
+        # failed, rows and budget alike.
+        self.batch_size = max(1, min(self.batch_size, len(batch)) // 2)
+        if self.max_batch_tokens:
+            failed = len(batch) * (max(len(job.input_ids) for job in batch) + params.max_new_tokens)
+            self.max_batch_tokens = max(1, min(self.max_batch_tokens, failed) // 2)
+        log.warning("out of memory at batch size %d; halving to %d", len(batch), self.batch_size)
+        rest = [job for jobs in [batch] + pending for job in jobs]
+        return plan_batches(rest, self.batch_size, params.max_new_tokens, self.max_batch_tokens)
 
     @contextlib.contextmanager
     def _using(self, adapter: str | None):
@@ -207,54 +196,42 @@ class HFEngine:
             with self.model.disable_adapter():
                 yield
         else:
-            if self.model.active_adapter != adapter:
-                self.model.set_adapter(adapter)
+            if self.model.active_adapter != peft_name(adapter):
+                self.model.set_adapter(peft_name(adapter))
             yield
 
     # -- one batch
 
     def generate_batch(self, batch_ids: list[list[int]], params: GenParams,
-                       batch_seed: int | None = None, adapter: str | None = None) -> list[list[Sample]]:
-        """Generate for a batch of token-id lists; per prompt, ``n`` samples in order.
+                       seed: int | None = None, adapter: str | None = None) -> list[list[Sample]]:
+        """One ``model.generate`` call for a batch of token-id lists (left padded), with the
+        adapter already active; per prompt, ``n`` samples in order.
 
-        Sampling seeds torch's generator with ``batch_seed`` (default: ``params.seed``).
+        Sampling seeds torch's random stream with ``seed`` (default: ``params.seed``).
         ``adapter``'s tokenizer (its own, else the base's) decodes, and its EOS ends a row.
         """
         import torch
 
         tokenizer = self.tokenizer_for(adapter)
-        eos_ids = self._eos_for(tokenizer)
+        eos_ids = self.eos_ids if tokenizer is self.tokenizer else _eos_ids(self.model, tokenizer)
         width = max(len(ids) for ids in batch_ids)
-        with torch.inference_mode():  # inference tensors, as every later one (a compiled model sees one kind)
-            input_ids = torch.full((len(batch_ids), width), self.pad_id, dtype=torch.long)
-            attention = torch.zeros((len(batch_ids), width), dtype=torch.long)
-            for row, ids in enumerate(batch_ids):
-                input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-                attention[row, width - len(ids):] = 1
+        input_ids = torch.full((len(batch_ids), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(batch_ids), width), dtype=torch.long)
+        for row, ids in enumerate(batch_ids):
+            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            attention[row, width - len(ids):] = 1
         n = params.num_return_sequences
-        sampled_n = n if params.do_sample else 1
-        if self.fast_greedy is not None and not params.do_sample and not params.stop:
-            try:
-                new_tokens = self._greedy(input_ids, attention, params.max_new_tokens, eos_ids)
-            except Exception as exc:
-                if not self.compile or is_oom(exc):
-                    raise
-                # A compiler failure (no C++ compiler, an unsupported op, ...) costs speed, not the run.
-                log.warning("--compile: torch.compile failed (%s); decoding without it", first_line(exc))
-                self.compile = False
-                new_tokens = self._greedy(input_ids, attention, params.max_new_tokens, eos_ids)
-            return [[self._sample(tokens, params, tokenizer, eos_ids)] * n for tokens in new_tokens]
+        sampled_n = n if params.do_sample else 1  # greedy: one answer, repeated
         kwargs = dict(max_new_tokens=params.max_new_tokens, do_sample=params.do_sample,
                       num_return_sequences=sampled_n, pad_token_id=self.pad_id,
                       eos_token_id=sorted(eos_ids) or None)
         if params.do_sample:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
+            torch.manual_seed(params.seed if seed is None else seed)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         if params.stop:
             kwargs.update(stop_strings=list(params.stop), tokenizer=tokenizer)
-        if params.do_sample:
-            torch.manual_seed(params.seed if batch_seed is None else batch_seed)
         with torch.inference_mode():
             output = self.model.generate(input_ids=input_ids.to(self.loaded.device),
                                          attention_mask=attention.to(self.loaded.device), **kwargs)
@@ -263,121 +240,11 @@ class HFEngine:
         for row in range(len(batch_ids)):
             samples = [self._sample(new_tokens[row * sampled_n + j], params, tokenizer, eos_ids)
                        for j in range(sampled_n)]
-            if sampled_n < n:
-                samples = samples * n  # greedy decoding gives the same answer every time
-            results.append(samples)
+            results.append(samples * (n // sampled_n))
         return results
 
-    def _greedy(self, input_ids, attention, max_new_tokens: int, eos_ids: set[int] | None = None) -> list[list[int]]:
-        """Greedy decoding with the KV cache, without ``model.generate``'s per-step machinery.
-
-        The same computation as ``generate(do_sample=False)`` for a model whose generation
-        config adds no logits processor (``_fast_greedy_inputs`` checks): positions from
-        the attention mask, a prefill that keeps only the last position's logits, then one
-        token a step, argmax over float32 logits. A decode step gets the 4D mask
-        transformers would build (see ``_decode_mask_kind``), made once a batch for all its
-        steps (each step's is a view), and the KV cache writes in place
-        (``datagen.kvcache``); EOS checks run on the tokens in Python, which the loop reads
-        anyway: few tensor operations besides the model's a step. Rows
-        that produced an EOS leave the batch at once (their KV cache rows are dropped), so
-        a batch costs what its unfinished rows cost. With ``compile``, the prefill and the
-        decode steps run through ``torch.compile`` (two graphs, shapes dynamic). Returns
-        each row's new tokens, up to and including its EOS.
-        """
-        import torch
-
-        with torch.inference_mode():  # every tensor an inference tensor: a compiled model sees one kind
-            cache_key, keep_key, mask_kind = self.fast_greedy
-            device = self.loaded.device
-            input_ids, attention = input_ids.to(device), attention.to(device)
-            rows, width = input_ids.shape
-            positions = attention.cumsum(-1) - 1
-            positions.masked_fill_(attention == 0, 0)
-            eos_ids = self.eos_ids if eos_ids is None else eos_ids
-            outputs: list[list[int]] = [[] for _ in range(rows)]
-            alive = list(range(rows))  # batch row -> output row
-            ended = [False] * rows  # per batch row (rows stay when the cache cannot drop them)
-            extra = {keep_key: 1} if keep_key else {}
-            model = self.model
-            forward = self._forward_model()  # the model, or with compile the compiled model
-            from datagen.kvcache import reserved_cache
-
-            # None: the model makes its own cache.
-            cache = reserved_cache(model.config, width, max_new_tokens, reserve_all=forward is not model)
-            # The decode steps' masks, all built at once: the prompt's padding mask, then every
-            # new key seen. Step k's mask is a view of the first width + k keys.
-            full_attention = torch.cat([attention, attention.new_ones((rows, max_new_tokens))], dim=-1)
-            full_mask = full_attention if mask_kind is None else self._decode_mask(full_attention, mask_kind)
-            mask = attention
-            step_ids = input_ids
-            for step in range(max_new_tokens):
-                timing = step < 2 and forward is not model and not self._compile_timed[step]
-                start = time.monotonic()
-                out = forward(input_ids=step_ids, attention_mask=mask, position_ids=positions,
-                              use_cache=True, **{cache_key: cache}, **extra)
-                if timing:
-                    self._compile_timed[step] = True
-                    log.info("--compile: the first compiled %s took %.1f s", ("prefill", "decode step")[step],
-                             time.monotonic() - start)
-                cache = getattr(out, cache_key)
-                token = out.logits[:, -1, :].float().argmax(-1).to(device)  # last layer may sit elsewhere
-                values = token.tolist()
-                for row, value in zip(alive, values):
-                    outputs[row].append(value)
-                if step + 1 == max_new_tokens:
-                    break
-                if eos_ids:
-                    ended = [done or value in eos_ids for done, value in zip(ended, values)]
-                    if True in ended:
-                        keep = [row for row, done in enumerate(ended) if not done]
-                        if not keep:
-                            break
-                        if hasattr(cache, "batch_select_indices"):  # else the ended rows run on, cut later
-                            index = torch.tensor(keep)
-                            cache.batch_select_indices(index)  # on CPU: layers may sit on several devices
-                            index = index.to(device)
-                            token, positions, full_attention = token[index], positions[index], full_attention[index]
-                            full_mask = (full_attention if mask_kind is None else
-                                         self._decode_mask(full_attention, mask_kind))
-                            alive = [alive[row] for row in keep]
-                            ended = [False] * len(keep)
-                step_ids = token[:, None]
-                positions = positions[:, -1:] + 1
-                mask = full_mask[..., :width + step + 1]
-            return outputs
-
-    def _decode_mask(self, attention, kind: str):
-        """The mask transformers builds for a decode step over ``attention`` (rows x keys).
-
-        With no padding it is the 2D mask itself (transformers then needs none, or
-        builds an all-zero one for eager); else a ``(rows, 1, 1, keys)`` tensor: True
-        where a key is seen (sdpa), 0 there and the dtype's minimum elsewhere (eager).
-        """
-        import torch
-
-        if bool(attention.all()):
-            return attention
-        seen = attention.bool()[:, None, None, :]
-        if kind == "bool":
-            return seen
-        dtype = self._mask_dtype
-        return torch.where(seen, torch.zeros((), device=seen.device, dtype=dtype), torch.finfo(dtype).min)
-
-    def _forward_model(self):
-        """The model the loop calls: the compiled one with ``compile``."""
-        if not self.compile:
-            return self.model
-        if self._compiled is None:
-            import torch
-
-            log.info("--compile: compiling the model with torch.compile (once per process)")
-            self._compiled = torch.compile(self.model, dynamic=True)
-        return self._compiled
-
-    def _sample(self, tokens: list[int], params: GenParams, tokenizer=None, eos_ids=None) -> Sample:
+    def _sample(self, tokens: list[int], params: GenParams, tokenizer, eos_ids: set[int]) -> Sample:
         """Tokens of one row into text: cut at the first EOS, then at the first stop string."""
-        tokenizer = tokenizer or self.tokenizer
-        eos_ids = self.eos_ids if eos_ids is None else eos_ids
         end = len(tokens)
         finish = "length"
         for pos, token in enumerate(tokens):
@@ -402,6 +269,14 @@ class HFEngine:
         return Sample(text, finish, end, list(tokens[:end]))
 
 
+def _free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def is_oom(exc: BaseException) -> bool:

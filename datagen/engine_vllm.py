@@ -1,14 +1,21 @@
-"""The vLLM engine: batches of prompt token ids into samples, with vLLM's continuous batching.
+"""The vLLM engine: the run's whole stream of jobs fed to vLLM's own scheduler.
 
 The run (``datagen.generation``) renders and tokenizes every prompt with the Hugging Face
-tokenizer (an adapter's own, when it saved one: vLLM's LoRARequest would not use it);
-this engine hands vLLM exactly those token ids (``TokensPrompt``), one
-``SamplingParams`` and one ``LoRARequest`` (None: the base model) per prompt, in one
-``llm.generate`` call, so the answers equal the Hugging Face engine's token for token in
-greedy decoding. LoRA adapters stay unmerged (vLLM applies them per request), so any mix
-of adapters and the base shares a batch. Text is the tokenizer's decoding of the new
-token ids (with the adapter's tokenizer, ending at its EOS too), cut at the first stop
-string, as the Hugging Face engine makes it.
+tokenizer (an adapter's own, when it saved one: vLLM's LoRARequest would not use it) and
+hands ``stream`` one lazy iterator of jobs. This engine adds them to vLLM's engine
+(``LLM.llm_engine``: the ``add_request``/``step`` loop that ``LLM.generate`` itself runs,
+vllm/entrypoints/common/offline.py), keeping up to ``WINDOW`` jobs in flight, adding more
+as requests finish, and yields each request as soon as it is done: vLLM's continuous
+batching decides what runs together, up to its ``max_num_seqs`` sequences and
+``max_num_batched_tokens`` tokens a step. Each job is its exact token ids, its own
+``SamplingParams`` (seeded with the job's seed: vLLM gives sample k the seed + k, so a
+request samples the same way whatever runs beside it) and its ``LoRARequest`` (None: the
+base model), so greedy answers equal the Hugging Face engine's token for token. LoRA
+adapters stay unmerged (vLLM applies them per request), so any mix of adapters and the
+base shares a step. Text is the tokenizer's decoding of the new token ids (with the
+adapter's tokenizer, ending at its EOS too), cut at the first stop string, as the
+Hugging Face engine makes it. Prefix caching is on (vLLM's default): a system prompt
+shared by many requests of one adapter is computed once.
 
 vLLM starts its workers by spawning processes: a script that makes a ``VLLMEngine``
 needs ``if __name__ == "__main__":``.
@@ -16,17 +23,18 @@ needs ``if __name__ == "__main__":``.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
+import itertools
 import json
 import logging
+import os
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from datagen import records
-from datagen.engine import GenParams, RequestRejected, Sample
-from datagen.engine_hf import cut_at_stop
+from datagen.engine import GenParams, Job, RequestRejected, Sample, cut_at_stop
 from datagen.errors import UserError, first_line
 from datagen.model_files import ModelFiles, prepare, resolve_dtype
 
@@ -39,6 +47,12 @@ LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # #49656): with every slot taken, base-model rows in a mixed batch silently get the last
 # adapter. One slot more than there are adapters keeps the last one always empty.
 SPARE_LORA_SLOTS = 1
+# Jobs in flight at most (queued in vLLM or running): vLLM runs up to its max_num_seqs
+# (256 on CPU, 1024 on an H100) at once and keeps the rest waiting; the window only bounds
+# the memory of the queue (and of WINDOW_TOKENS prompt tokens) and lets records stream out.
+WINDOW = 4096
+WINDOW_TOKENS = 1 << 22
+DECODING = "vllm-stream/request-seed"  # how this engine decodes and seeds: in every record's fingerprint
 
 
 def available() -> tuple[bool, str]:
@@ -61,8 +75,11 @@ def installed() -> bool:
         return False
 
 
-def engine_identity(dtype: str) -> dict:
-    """The vLLM engine's part of a record's provenance, known before vLLM is imported."""
+def engine_identity(dtype: str, tensor_parallel_size: int = 1) -> dict:
+    """The vLLM engine's part of a record's provenance, known before vLLM is imported: its
+    version, the device (the GPU's name, or "cpu"), tensor-parallel size, dtype, whether
+    vLLM's batch-invariant kernels are on, and how it decodes and seeds (``decoding``, in
+    the fingerprint: records seeded otherwise are not mixed in on resume)."""
     import torch
 
     version = None
@@ -72,7 +89,19 @@ def engine_identity(dtype: str) -> dict:
             break
         except importlib.metadata.PackageNotFoundError:
             continue
-    return {"name": "vllm", "dtype": dtype, "merged": False, "vllm": version, "torch": torch.__version__}
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return {"name": "vllm", "dtype": dtype, "merged": False, "decoding": DECODING, "vllm": version,
+            "torch": torch.__version__, "device": device, "tensor_parallel_size": tensor_parallel_size,
+            "batch_invariant": batch_invariant()}
+
+
+def batch_invariant() -> bool:
+    """Whether vLLM's batch-invariant kernels are on (``VLLM_BATCH_INVARIANT=1``, read as vLLM
+    reads it): then a request's greedy answer does not depend on what shares its batch."""
+    try:
+        return bool(int(os.environ.get("VLLM_BATCH_INVARIANT", "0")))
+    except ValueError:
+        return False
 
 
 def check_files(files: ModelFiles) -> None:
@@ -125,16 +154,9 @@ def lora_slot_rank(ranks) -> int:
     raise UserError(f"an adapter has LoRA rank {top}; vLLM takes at most {LORA_RANKS[-1]}: use --engine hf")
 
 
-def request_seed(seed: int, position: int) -> int:
-    """The seed of the prompt at ``position`` of a batch seeded with ``seed``: the same prompt
-    in the same batch samples the same way in every run, different prompts differently."""
-    digest = hashlib.sha256(f"{seed}:{position}".encode("ascii")).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 class VLLMEngine:
-    """Generates batches of prompt token ids with vLLM (the engine protocol of
-    ``datagen.engine``): the base model and every adapter answer in the same batches."""
+    """Answers a stream of jobs with vLLM (the engine protocol of ``datagen.engine``): the
+    base model and every adapter answer in the same steps."""
 
     name = "vllm"
 
@@ -159,6 +181,9 @@ class VLLMEngine:
         self.files = files
         self.model_name = model_name
         self.dtype = resolve_dtype(dtype, cuda)
+        self.tensor_parallel_size = tensor_parallel_size
+        self.window, self.window_tokens = WINDOW, WINDOW_TOKENS
+        self._ids = itertools.count()  # request ids, unique for this engine's life
         _check_head_size(files.config, model_name, cuda)
         self.loaded_adapters = files.adapters
         self.tokenizer = files.tokenizer
@@ -172,6 +197,13 @@ class VLLMEngine:
                        # this per engine, for xgrammar only): else a model can spend every new
                        # token on blank lines inside the object, as small ones do.
                        structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True})
+        if not cuda:
+            # vLLM's CPU build cannot rewind a seeded request's random generator when a
+            # prompt is split over two steps (chunked prefill): gpu_model_runner.py calls
+            # set_offset, which CPU generators lack, and the engine dies ("CPU Generator does
+            # not use offset"). Unchunked, a seeded request also draws the same numbers
+            # however its prompt was scheduled. CUDA generators rewind; GPUs keep the default.
+            options["enable_chunked_prefill"] = False
         if self._lora:
             ranks = [int(info.config.get("r", 8)) for info in self.loaded_adapters.values()]
             options.update(enable_lora=True, max_loras=len(self._lora) + SPARE_LORA_SLOTS,
@@ -204,7 +236,7 @@ class VLLMEngine:
         return [*self._lora, None]
 
     def provenance(self, adapter: str | None) -> records.Provenance:
-        return self.files.provenance(adapter, engine_identity(self.dtype))
+        return self.files.provenance(adapter, engine_identity(self.dtype, self.tensor_parallel_size))
 
     def tokenizer_for(self, adapter: str | None):
         """The tokenizer of ``adapter``'s prompts and answers: its own, else the base's. The run
@@ -214,10 +246,14 @@ class VLLMEngine:
 
     def sampling_params(self, params: GenParams, seed: int, adapter: str | None = None):
         """One prompt's ``SamplingParams``: greedy is temperature 0 and one sample (repeated).
-        An adapter with its own tokenizer also ends at that tokenizer's EOS."""
+        An adapter with its own tokenizer also ends at that tokenizer's EOS. Only the final
+        output comes back (as ``LLM.generate`` asks); vLLM makes text only where stop
+        strings need it (this engine decodes the token ids itself)."""
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
-        options = dict(max_tokens=params.max_new_tokens, seed=seed, stop=list(params.stop) or None)
+        options = dict(max_tokens=params.max_new_tokens, seed=seed, stop=list(params.stop) or None,
+                       detokenize=bool(params.stop), output_kind=RequestOutputKind.FINAL_ONLY)
         tokenizer = self.tokenizer_for(adapter)
         if tokenizer is not self.tokenizer and tokenizer.eos_token_id is not None:
             options["stop_token_ids"] = [tokenizer.eos_token_id]
@@ -235,36 +271,63 @@ class VLLMEngine:
                                              StructuredOutputsParams(json_object=True))
         return SamplingParams(**options)
 
-    def generate(self, prompts: list[list[int]], params: GenParams, adapters: list[str | None],
-                 seed: int) -> list[list[Sample]]:
-        """The engine protocol (``datagen.engine.Engine``): one ``llm.generate`` call for the
-        whole batch, each prompt with its own seed (``request_seed``) and adapter."""
-        from vllm.inputs import TokensPrompt
-
-        try:  # the request's own fault (a schema it cannot compile, ...), as vLLM classes it
+    def stream(self, jobs: Iterable[Job]) -> Iterator[tuple[Job, list[Sample] | RequestRejected]]:
+        """The engine protocol (``datagen.engine.Engine``): every job goes to vLLM's engine,
+        up to ``window`` jobs (and ``window_tokens`` prompt tokens) in flight; each is
+        yielded as soon as it finishes. A job vLLM refuses when it is added (a prompt it
+        cannot take, a schema it cannot compile) is yielded with its ``RequestRejected``."""
+        try:  # the request's own fault, as vLLM classes it
             from vllm.exceptions import VLLMClientError as refused
         except ImportError:  # pragma: no cover - older vLLM
             refused = ValueError
 
-        for adapter in set(adapters):
-            if adapter not in self.adapters:
-                raise ValueError(f"{adapter!r} is not one of this engine's adapters {self.adapters}")
+        engine = self.llm.llm_engine
+        jobs = iter(jobs)
+        in_flight: dict[str, Job] = {}
+        tokens = 0  # prompt tokens in flight
+        more = True
         try:
-            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(ids)) for ids in prompts],
-                                        [self.sampling_params(params, request_seed(seed, i), adapters[i])
-                                         for i in range(len(prompts))],
-                                        lora_request=[self._lora.get(a) if a is not None else None for a in adapters],
-                                        use_tqdm=False)
-        except (ValueError, refused) as exc:
-            raise RequestRejected("invalid_request", f"vLLM refused the request ({first_line(exc)})") from None
-        results = []
-        for output, adapter in zip(outputs, adapters):
-            tokenizer = self.tokenizer_for(adapter)
-            samples = [self._sample(completion, params, tokenizer) for completion in output.outputs]
-            if len(samples) < params.num_return_sequences:
-                samples = samples * params.num_return_sequences  # greedy: the same answer every time
-            results.append(samples)
-        return results
+            while True:
+                while more and (not in_flight or (len(in_flight) < self.window and tokens < self.window_tokens)):
+                    job = next(jobs, None)
+                    if job is None:
+                        more = False
+                        break
+                    if job.adapter not in self.adapters:
+                        raise ValueError(f"{job.adapter!r} is not one of this engine's adapters {self.adapters}")
+                    request_id = f"job-{next(self._ids)}"
+                    try:
+                        prompt = engine.renderer.render_cmpl([{"prompt_token_ids": list(job.input_ids)}])[0]
+                        engine.add_request(request_id, prompt, self.sampling_params(job.params, job.seed, job.adapter),
+                                           lora_request=self._lora.get(job.adapter))
+                    except (ValueError, refused) as exc:
+                        yield job, RequestRejected("invalid_request", f"vLLM refused the request ({first_line(exc)})")
+                        continue
+                    in_flight[request_id] = job
+                    tokens += len(job.input_ids)
+                if not in_flight:
+                    return
+                if not engine.has_unfinished_requests():
+                    raise RuntimeError(f"vLLM lost {len(in_flight)} requests (aborted outside this run?)")
+                for output in engine.step():
+                    if output.finished:
+                        job = in_flight.pop(output.request_id)
+                        tokens -= len(job.input_ids)
+                        yield job, self._samples(output, job)
+        finally:
+            if in_flight:  # the run stopped early (an error, an interrupt): free the engine for another run
+                try:
+                    engine.abort_request(list(in_flight))
+                except Exception as exc:  # a dead engine has nothing to abort
+                    log.debug("vLLM: aborting %d requests failed (%s)", len(in_flight), first_line(exc))
+
+    def _samples(self, output, job: Job) -> list[Sample]:
+        tokenizer = self.tokenizer_for(job.adapter)
+        completions = sorted(output.outputs, key=lambda completion: completion.index)
+        samples = [self._sample(completion, job.params, tokenizer) for completion in completions]
+        if len(samples) < job.params.num_return_sequences:
+            samples = samples * job.params.num_return_sequences  # greedy: the same answer every time
+        return samples
 
     def _sample(self, completion, params: GenParams, tokenizer=None) -> Sample:
         """One vLLM completion as a ``Sample``; the text is the (adapter's) tokenizer's decoding

@@ -32,12 +32,18 @@ log = logging.getLogger("datagen")
 # --- loading the model -------------------------------------------------------------
 
 
+# How the Hugging Face engine decodes and seeds: model.generate, one random stream per batch
+# seeded from its requests' seeds (so a sampled answer depends on the batch it ran in).
+DECODING = "hf-generate/batch-seed"
+
+
 def engine_identity(dtype: str, merged: bool) -> dict:
-    """The Hugging Face engine's part of a record's provenance (name, dtype, merged, versions)."""
+    """The Hugging Face engine's part of a record's provenance (name, dtype, merged, how it
+    decodes and seeds, versions)."""
     import torch
     import transformers
 
-    return {"name": "hf", "dtype": dtype, "merged": merged,
+    return {"name": "hf", "dtype": dtype, "merged": merged, "decoding": DECODING,
             "transformers": transformers.__version__, "torch": torch.__version__}
 
 
@@ -106,7 +112,7 @@ def load_model(model_name: str, adapters: dict[str, str] | str | None = None, *,
         model.resize_token_embeddings(rows, mean_resizing=False)  # the adapter's saved rows replace them
     for name, info in files.adapters.items():
         started = time.monotonic()
-        model, sha = _load_adapter(model, Path(info.path), model_name, info.config, name)
+        model, sha = _load_adapter(model, Path(info.path), model_name, info.config, peft_name(name))
         if sha != info.sha256:
             raise UserError(f"--adapter_path {info.path}: its weights changed while the run started; run again")
         log.info("adapter %s (%s) loaded and checked in %.1f s", name, info.path, time.monotonic() - started)
@@ -154,6 +160,12 @@ def _first_device(model):
         if isinstance(place, int) or (isinstance(place, str) and place not in ("cpu", "disk")):
             return torch.device(place if not isinstance(place, int) else f"cuda:{place}")
     return next(model.parameters()).device
+
+
+def peft_name(name: str) -> str:
+    """The name peft keeps an adapter under: a run's NAME may hold dots (``v1.2``), which
+    torch module names cannot."""
+    return name.replace(".", "_dot_")
 
 
 def _load_adapter(model, adapter: Path, model_name: str, adapter_config: dict, name: str = "default"):

@@ -135,6 +135,13 @@ class Request:
     # Filled in by the generator:
     input_ids: list[int] | None = None
 
+    @property
+    def request_sha256(self) -> str:
+        """What the request asked (``prompts.request_digest``): its messages, a --system_prompt
+        or template already in them, or its text as one user message. Each record carries it."""
+        return prompts.request_digest(self.messages if self.messages is not None
+                                      else [{"role": "user", "content": self.text}])
+
 
 def is_batch_input(path: str | os.PathLike) -> bool:
     """True when the file's first line has the OpenAI batch line shape."""

@@ -26,6 +26,7 @@ import math
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 from typing import IO, Any, Iterator
 
@@ -197,9 +198,18 @@ def _line_error(path: Path, line_number: int, line: bytes, exc: ValueError) -> U
         return UserError(f"{path}:{line_number}: {exc}")
     if isinstance(exc, UnicodeDecodeError):
         return UserError(f"{path}:{line_number}: not UTF-8 text ({exc.reason}); save the file as UTF-8")
-    detail = f"{exc.msg} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else str(exc)
-    return UserError(f"{path}:{line_number}: not valid JSON ({detail}): "
-                     f"{_short(line.decode('utf-8', 'replace'))!r}; each line must be one JSON object")
+    if isinstance(exc, json.JSONDecodeError):  # "Unterminated string starting at" + " column 38"
+        detail = f"{exc.msg}{'' if exc.msg.endswith(' at') else ' at'} column {exc.colno}"
+    else:
+        detail = str(exc)
+    text = f"{path}:{line_number}: not valid JSON ({detail}): {_short(line.decode('utf-8', 'replace'))!r}"
+    if not line.endswith(b"\n"):  # only the last line can end without one: cut off by a kill
+        if b'"custom_id"' in line and b'"generated_text"' in line:
+            return UserError(f"{text}; the last line is cut off: the generation that wrote this file was "
+                             "interrupted; rerun the same generate_data_finetuned.py command to repair it "
+                             "(finished records are kept)")
+        return UserError(f"{text}; the last line is cut off (was the program writing it interrupted?)")
+    return UserError(f"{text}; each line must be one JSON object")
 
 
 def iter_jsonl_objects(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
@@ -309,16 +319,23 @@ class AppendJsonl:
     """An append-only JSONL file: each ``write`` is whole lines, written and fsynced.
 
     Used where losing finished work costs more than the sync (a killed job resumes
-    from what is on disk). A torn last line from a kill is repaired on open: the
-    partial line is cut off so the next record starts on a fresh line. A write that
+    from what is on disk). Every write reaches the file at once (unbuffered: a killed
+    process loses nothing written); with ``sync_interval`` S the fsync (which only a
+    crash of the machine needs) runs at most every S seconds and at close, for a
+    writer of many small records (an fsync costs milliseconds). A torn last line from a
+    kill is repaired on open: the partial line is cut off so the next record starts on a
+    fresh line. A write that
     fails (disk full) or is interrupted is cut off again at once, so the file always
     ends with a whole line; the failure is a ``UserError`` naming the file. A device,
     FIFO or socket is refused (reading one for resume could block forever).
     """
 
-    def __init__(self, path: str | os.PathLike, *, fsync: bool = True):
+    def __init__(self, path: str | os.PathLike, *, fsync: bool = True, sync_interval: float = 0.0):
         self.path = Path(path)
         self.fsync = fsync
+        self.sync_interval = sync_interval
+        self._synced = time.monotonic()
+        self._unsynced = False
         refuse_non_regular(self.path)
         try:
             repair_torn_tail(self.path)
@@ -341,8 +358,9 @@ class AppendJsonl:
                 view = memoryview(data)
                 while view:
                     view = view[self._file.write(view):]
-                if self.fsync:
-                    os.fsync(self._file.fileno())
+                self._unsynced = True
+                if self.fsync and time.monotonic() - self._synced >= self.sync_interval:
+                    self._sync()
                 self._size += len(data)  # written whole: a signal raised as the block ends keeps it
         except BaseException as exc:
             with contextlib.suppress(OSError):  # keep the file whole lines
@@ -351,8 +369,14 @@ class AppendJsonl:
                 raise write_error(exc, self.path) from None
             raise
 
+    def _sync(self) -> None:
+        os.fsync(self._file.fileno())
+        self._synced, self._unsynced = time.monotonic(), False
+
     def close(self) -> None:
         try:
+            if self.fsync and self._unsynced and not self._file.closed:
+                self._sync()
             self._file.close()
         except OSError as exc:
             raise write_error(exc, self.path) from None

@@ -4,8 +4,9 @@ ids file and the client are in ``datagen.openai_client``).
 - Actions: ``submit`` (check locally, refuse a file already submitted, upload, create;
   one batch per part file), ``check``, ``wait`` (poll to a final state with a progress
   bar), ``cancel``, ``download`` (stream output and error files of all batches into
-  OUTPUT and OUTPUT.errors.jsonl, atomically), ``retry_failed`` (a new batch input
-  holding the requests that failed or expired), ``list_recent``.
+  OUTPUT and OUTPUT.errors.jsonl, atomically; never onto a batch input or the results
+  of other batches), ``retry_failed`` (a new batch input holding the requests that
+  failed or expired), ``list_recent``.
 - Each batch's metadata records its input file's name and sha256 (``source_file``,
   ``source_sha256``): ``--run`` refuses a file whose content already has a live or
   completed batch among the saved ids and the recent batches, unless ``--force``. Each
@@ -300,10 +301,17 @@ def errors_path_for(output: Path) -> Path:
 
 
 def download_targets(output: str | os.PathLike, protected: Iterable[Path]) -> tuple[Path, Path]:
-    """OUTPUT and OUTPUT.errors.jsonl, each refused if it is an input, a folder or a device
-    (a rename would replace the node; removing a stale errors file would too)."""
+    """OUTPUT and OUTPUT.errors.jsonl, each refused if it is an input, a batch input (its
+    first line is a request line), a folder or a device (a rename would replace the node;
+    removing a stale errors file would too)."""
     output = cli.check_output_path(output, protected, flag="--download")
-    return output, cli.check_output_path(errors_path_for(output), protected, flag="--download")
+    errors_path = cli.check_output_path(errors_path_for(output), protected, flag="--download")
+    for path in (output, errors_path):
+        if path.is_file() and batchfile.is_batch_input(path):
+            raise UserError(f"--download {path} is a batch input (its first line is an OpenAI request line) and "
+                            f"would be overwritten; choose another name, e.g. --download "
+                            f"{provenance.results_name(output)}")
+    return output, errors_path
 
 
 def download(session: Session, ids: list[str], output: str | os.PathLike, batches: list | None = None,
@@ -327,6 +335,8 @@ def download(session: Session, ids: list[str], output: str | os.PathLike, batche
         if len(refused) == len(batches):
             raise UserError(message + "; fix the input file and --run it again")
         log.warning("%s", message)
+    provenance.refuse_batch_sources(output, batches, session.ids_file)
+    provenance.refuse_other_results(output, [b.id for b in batches], ", ".join(map(from_where, batches)))
     for batch in batches:
         print(f"downloading {from_where(batch)}: {batch.status}", flush=True)
     sidecar = provenance.sidecar_path(output)
@@ -471,12 +481,16 @@ def list_recent(session: Session, limit: int) -> None:
         print(f"no batches at {session.url}; submit one with: python batch_utils.py --run --file batchinput.jsonl")
         return
     print(f"{len(rows)} most recent batch(es) at {session.url} (* = saved in {session.ids_file}):")
+    width = max(len(batch.id) for batch in rows)
+    print(f"  {'batch':<{width}}  {'status':<11} {'created':<23}  {'endpoint':<20} {'completed/failed/total':>22}  "
+          "description or input")
     for batch in rows:
         total, completed, failed = request_counts(batch)
+        counts = f"{completed:,}/{failed:,}/{total:,}"
         note = (batch.metadata or {}).get("description") or (batch.metadata or {}).get("source_file") or ""
         mark = "*" if batch.id in saved else " "
-        print(f"{mark} {batch.id}  {batch.status:<11} {when(batch.created_at)}  {batch.endpoint:<20} "
-              f"{completed + failed:>6,}/{total:<6,} {note}".rstrip())
+        print(f"{mark} {batch.id:<{width}}  {batch.status:<11} {when(batch.created_at):<23}  {batch.endpoint:<20} "
+              f"{counts:>22}  {note}".rstrip())
 
 
 # --- the command ----------------------------------------------------------------------
@@ -529,6 +543,8 @@ def _run(session: Session, args: argparse.Namespace) -> int:
         ids = submit(session, args.file, args.description, args.force)
     else:
         ids = parse_ids(args.id) if args.id else load_batch_ids(args.ids_file)
+        if args.download:  # before any wait
+            provenance.refuse_other_results(Path(args.download), ids, ", ".join(ids))
     status = 0
     batches = None
     if args.cancel:

@@ -44,6 +44,11 @@ RANGES: dict[str, tuple[str, float | None, float | None]] = {
     "logprobs": ("boolean", None, None),
     "top_logprobs": ("integer", 0, 20),
 }
+CHAT, RESPONSES, COMPLETIONS, EMBEDDINGS = (
+    "/v1/chat/completions", "/v1/responses", "/v1/completions", "/v1/embeddings")
+ENDPOINTS = (CHAT, RESPONSES, COMPLETIONS, EMBEDDINGS)
+# The body field that caps output length, per endpoint.
+MAX_TOKENS_FIELD = {CHAT: "max_completion_tokens", RESPONSES: "max_output_tokens", COMPLETIONS: "max_tokens"}
 ENDPOINT_RANGES = {"/v1/completions": {"logprobs": ("integer", 0, 5)}}  # legacy: a count, not a flag
 MAX_STOP = 4  # stop: one string or a list of 1 to 4 strings
 

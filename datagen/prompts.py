@@ -11,6 +11,7 @@ fields (the user's metadata). ``PromptOptions`` says how a row becomes a ``Promp
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -43,6 +44,23 @@ class Prompt:
         """The conversation for a chat endpoint: the system prompt first, then the turns."""
         turns = self.messages if self.messages is not None else [{"role": "user", "content": self.text}]
         return ([{"role": "system", "content": self.system}] if self.system else []) + list(turns)
+
+
+def request_digest(messages: list[dict]) -> str:
+    """The sha256 (hex) of what a request asked, the same on both routes: its messages as
+    (role, text) pairs, OpenAI's "developer" role as "system", content parts joined into
+    text (a plain prompt is one user message). A fine-tuned record's ``request_sha256``;
+    reformat_results.py checks it against the batch input or prompts file it is given."""
+    pairs = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            content = "".join(part.get("text") or "" for part in content
+                              if isinstance(part, dict) and part.get("type") in ("text", "input_text", "output_text"))
+        role = message.get("role")
+        pairs.append(["system" if role == "developer" else role, content if isinstance(content, str) else ""])
+    text = json.dumps(pairs, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 @dataclass

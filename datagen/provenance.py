@@ -17,7 +17,10 @@ input they are reformatted or compared against.
 - ``check_belongs(results_paths, batch_input_path)``: refuse, in one line, results
   whose batches were made from another input than ``--batch_input`` (or its parts, or
   a retry of them), naming the exact ``--id`` to download the right ones when the
-  history knows it. Results without a sidecar (downloaded elsewhere) pass with a warning.
+  history knows it. Results without a sidecar (downloaded elsewhere) are checked by the
+  model their answers name (``_check_models``), then pass with a warning.
+- ``refuse_batch_sources`` / ``refuse_other_results``: a download never replaces the
+  batch input it answers, nor the results of other batches (their sidecar names them).
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from datagen.errors import UserError
+from datagen.jsonl import iter_jsonl
 
 log = logging.getLogger("datagen")
 
@@ -171,6 +176,49 @@ def input_digests(sidecar: dict) -> frozenset[str]:
     return frozenset(d for d in digests if d)
 
 
+# --- what a download must not replace -----------------------------------------------------------
+
+
+def results_name(path: Path) -> str:
+    """``A.jsonl`` -> ``A.results.jsonl``: the name a refusal suggests."""
+    return f"{path.name.split('.')[0] or 'batch'}.results.jsonl"
+
+
+def refuse_batch_sources(output: Path, batches: list, ids_file: str | os.PathLike) -> None:
+    """Refuse a --download onto the input file of one of ``batches`` (its name in the
+    batch metadata or the history, in the history's folder: where --run ran)."""
+    from datagen.cli import same_file
+
+    history = {entry["id"]: entry for entry in read_history(history_path(ids_file))}
+    for batch in batches:
+        names = {_metadata(batch).get("source_file"), history.get(batch.id, {}).get("source_file")}
+        for name in names:
+            if isinstance(name, str) and name and same_file(output, Path(ids_file).parent / name):
+                raise UserError(f"--download {output} is the batch input {batch.id} (from {name}) was made from and "
+                                f"would be overwritten; choose another name, e.g. --download {results_name(output)}")
+
+
+def refuse_other_results(output: Path, ids, downloading: str) -> None:
+    """Refuse a --download onto the results of other batches: OUTPUT (or its errors file)
+    exists and its sidecar names a batch that this download (``ids``, described as
+    ``downloading``) does not hold. The same batches again (a rerun), or more, replace
+    it; so does an OUTPUT without a (readable) sidecar: nothing says what it holds."""
+    errors = output.with_name(output.name + ERRORS_SUFFIX)
+    if not (output.exists() or errors.exists()):
+        return
+    try:
+        sidecar = read_sidecar(output)
+    except UserError:
+        return
+    held = sidecar["batches"] if sidecar else []
+    if all(batch["id"] in set(ids) for batch in held):
+        return
+    shown = ", ".join(batch["id"] + (f" (from {batch['source_file']})" if batch.get("source_file") else "")
+                      for batch in held)
+    raise UserError(f"--download {output} holds the results of {shown}, not of {downloading}; choose another name, "
+                    f"or delete {output} and {sidecar_path(output).name} to replace them")
+
+
 # --- the check ---------------------------------------------------------------------------------
 
 
@@ -192,9 +240,9 @@ def check_belongs(results_paths, batch_input_path: str | os.PathLike | None) -> 
         checked.add(sidecar_file)
         sidecar = read_sidecar(results)
         if sidecar is None:
+            checked.discard(sidecar_file)  # the output and its errors file: each is checked by its models
             if _looks_like_batch_output(results):
-                log.warning("%s has no %s beside it (downloaded elsewhere?): cannot check that it answers "
-                            "--batch_input %s", results, sidecar_file.name, batch_input_path)
+                _check_models(results, parts, batch_input_path, list(allowed))
             continue
         for batch in sidecar["batches"]:
             digest, retried = batch.get("source_sha256"), batch.get("retry_of_sha256") or []
@@ -208,6 +256,53 @@ def check_belongs(results_paths, batch_input_path: str | os.PathLike | None) -> 
                             f"{batch.get('source_file') or '?'}, sha256 {digest[:12]}), not from --batch_input "
                             f"{batch_input_path} (sha256 {', '.join(d[:12] for d in allowed)}); "
                             + _hint(batch_input_path, list(allowed), [results]))
+
+
+def _check_models(results: Path, parts: list[Path], batch_input_path, digests: list[str]) -> None:
+    """Results without a sidecar: the model each answer names must be the model the batch
+    input asks for, or it with a date suffix (OpenAI answers gpt-4o-mini with
+    gpt-4o-mini-2024-07-18). A mismatch is refused, or only warned about when the
+    answers may come from another service (OPENAI_BASE_URL not at OpenAI, or Azure's
+    content-filter fields in the answers: Azure names deployments, not models)."""
+    from datagen.batchfile import iter_batch_requests
+
+    requested = set()
+    for part in parts:  # one model per batch file (the batch input's own check)
+        request = next(iter_batch_requests(part), None)
+        if request is not None:
+            requested.add(request.body["model"])
+    answered, azure = set(), False
+    try:
+        for _, line in iter_jsonl(results):
+            response = line.get("response") if isinstance(line, dict) else None
+            body = response.get("body") if isinstance(response, dict) else None
+            if isinstance(body, dict) and isinstance(body.get("model"), str):
+                answered.add(body["model"])
+                azure = azure or "prompt_filter_results" in body
+    except UserError:  # a malformed line: reading the results reports it with file:line
+        return
+    if not answered and results.name.endswith(ERRORS_SUFFIX):
+        return  # failed requests name no model; the output file beside it is checked
+    sidecar = sidecar_path(results).name
+    wrong = sorted(m for m in answered if not any(re.fullmatch(re.escape(r) + r"(-\d{4}-\d{2}-\d{2})?", m)
+                                                    for r in requested))
+    if not (wrong and requested):
+        checked = (f"only its model ({', '.join(sorted(answered))}) was checked against" if answered
+                   else "cannot check that it answers")
+        log.warning("%s has no %s beside it (downloaded elsewhere?): %s --batch_input %s", results, sidecar, checked,
+                    batch_input_path)
+        return
+    mismatch = (f"{results}: its answers come from {', '.join(wrong)}, not from the {', '.join(sorted(requested))} "
+                f"that --batch_input {batch_input_path} asks for")
+    host = urlsplit(os.environ.get("OPENAI_BASE_URL", "").strip()).hostname
+    if azure or host not in (None, "api.openai.com"):
+        service = "Azure (its answers carry prompt_filter_results)" if azure else \
+            f"the service at OPENAI_BASE_URL ({host})"
+        log.warning("%s; only a warning, as %s may name models otherwise than OpenAI: check that they answer it",
+                    mismatch, service)
+        return
+    raise UserError(f"{mismatch} (it has no {sidecar} to say which batch it is); "
+                    + _hint(batch_input_path, digests, [results]))
 
 
 def _hint(batch_input_path, digests: list[str], results: list[Path]) -> str:

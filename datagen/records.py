@@ -4,9 +4,10 @@
   ``finish_reason``, ``prompt_tokens``, ``completion_tokens`` (the sum over the samples,
   as OpenAI counts it), ``samples`` (n > 1: each sample's text, finish reason and
   tokens), provenance (``source``, ``run`` (the adapter's NAME, or ``base``), ``model``, ``model_sha256``, ``adapter``,
-  ``adapter_sha256``, ``engine``, ``generation``, ``created``) and a ``fingerprint``.
-  A request that cannot be answered is a record too: ``error: {code, message}`` in
-  place of the text, like an OpenAI error line (``failed_record``).
+  ``adapter_sha256``, ``engine``, ``generation``, ``created``), ``request_sha256`` (what it
+  asked: ``prompts.request_digest``) and a ``fingerprint``. A request that cannot be
+  answered is a record too: ``error: {code, message}`` in place of the text, like an
+  OpenAI error line (``failed_record``).
 - The **fingerprint** says what made a record, one short hash per part: ``model`` (the
   base model's resolved folder, its config and a sample of its weight files),
   ``adapter`` (its config and weights), ``engine`` (engine, dtype, merged or not),
@@ -40,7 +41,7 @@ log = logging.getLogger("datagen")
 
 PARTS = ("model", "adapter", "engine", "generation", "input")  # the fingerprint's parts, in order
 WHAT_DIFFERS = {"model": "the base model differs", "adapter": "the adapter (config or weights) differs",
-                "engine": "the engine or its dtype/merge setting differs",
+                "engine": "the engine (its dtype, merge setting, or how it decodes and seeds) differs",
                 "generation": "the generation parameters differ",
                 "input": "the prompt as the model saw it (rendered, tokenized) differs",
                 "run": "the run name differs (--adapter_path NAME=PATH)"}
@@ -100,8 +101,10 @@ class Provenance:
     adapter: str | None
     adapter_sha256: str | None  # of the weights file
     adapter_digest: str | None  # of config and weights together
-    engine: dict  # {"name", "dtype", "merged", versions...}
-    engine_key: tuple = ("name", "dtype", "merged")  # the parts of ``engine`` a fingerprint holds
+    engine: dict  # {"name", "dtype", "merged", "decoding", versions, device...}
+    # The parts of ``engine`` a fingerprint holds: "decoding" says how the engine decodes and
+    # seeds (records made before it was recorded are refused on resume).
+    engine_key: tuple = ("name", "dtype", "merged", "decoding")
     run: str = "base"  # the run's name: the adapter's NAME (--adapter_path NAME=PATH), or "base"
 
     def static_parts(self) -> dict:
@@ -118,8 +121,10 @@ def fingerprint(provenance: Provenance, generation: dict, input_hash: str) -> di
 
 
 def make_record(custom_id: str, samples: list[Sample], prompt_tokens: int, provenance: Provenance,
-                generation: dict, input_hash: str, created: int, ignored: tuple = ()) -> dict:
-    """One answered request; ``completion_tokens`` sums the samples, as OpenAI's usage does."""
+                generation: dict, input_hash: str, created: int, ignored: tuple = (),
+                request_sha256: str | None = None) -> dict:
+    """One answered request; ``completion_tokens`` sums the samples, as OpenAI's usage does;
+    ``request_sha256``: what it asked (``prompts.request_digest``), checked by reformat_results.py."""
     first = samples[0]
     record = {"custom_id": custom_id, "generated_text": first.text, "finish_reason": first.finish_reason,
               "prompt_tokens": prompt_tokens, "completion_tokens": sum(s.completion_tokens for s in samples)}
@@ -132,18 +137,22 @@ def make_record(custom_id: str, samples: list[Sample], prompt_tokens: int, prove
     record.update(provenance.fields())
     if ignored:
         record["ignored_fields"] = list(ignored)
+    if request_sha256:
+        record["request_sha256"] = request_sha256
     record.update(generation=generation, fingerprint=fingerprint(provenance, generation, input_hash),
                   created=created)
     return record
 
 
 def failed_record(custom_id: str, code: str, message: str, prompt_tokens: int | None, provenance: Provenance,
-                  generation: dict, input_hash: str, created: int) -> dict:
+                  generation: dict, input_hash: str, created: int, request_sha256: str | None = None) -> dict:
     """A request the engine could not answer, with its reason (like an OpenAI error line)."""
     record = {"custom_id": custom_id, "error": {"code": code, "message": message}}
     if prompt_tokens is not None:
         record["prompt_tokens"] = prompt_tokens
     record.update(provenance.fields())
+    if request_sha256:
+        record["request_sha256"] = request_sha256
     record.update(generation=generation, fingerprint=fingerprint(provenance, generation, input_hash),
                   created=created)
     return record

@@ -57,6 +57,28 @@ def line_kind(obj: dict) -> str | None:
     return None
 
 
+def compare_table_row(obj: dict) -> bool:
+    """A row of a ``--compare`` table (wide: ``NAME.status`` columns; long: ``status``), which
+    has no ``source`` column: a table of runs, not a run's results."""
+    return "source" not in obj and ("status" in obj or any(key.endswith(".status") for key in obj))
+
+
+def table_refusal(where: str) -> UserError:
+    return UserError(f"{where}: a row of a --compare table (NAME.status columns, no source), not a run's "
+                     "results; give each run's own files (its raw results or its reformatted output)")
+
+
+def check_raw(obj: dict, where: str) -> None:
+    """Refuse a line that is already reformatted, or a --compare table row, where raw results
+    are read (``reformat_results.py --input_file``)."""
+    if "custom_id" not in obj and "id" in obj:
+        if compare_table_row(obj):
+            raise table_refusal(where)
+        if "generated_text" in obj:
+            raise UserError(f"{where}: already reformatted (reformat_results.py's output, keyed by id); it needs "
+                            "no --input_file run: use it as it is, or give it to --compare beside other runs")
+
+
 def failed_record(custom_id: str, reason: str, *, status_code: int | None = None,
                   error_code: Any = None, message: str | None = None, **more: Any) -> dict:
     """One line of the failed file: id, reason, status_code, error_code, message (+ more)."""
@@ -199,7 +221,7 @@ def finetuned_answer(obj: dict, where: str) -> Answer:
 
 
 FINETUNED_DETAILS = ("model_sha256", "adapter_sha256", "engine", "generation", "fingerprint",
-                     "ignored_fields", "created")
+                     "ignored_fields", "created", "request_sha256")
 
 
 def finetuned_result(obj: dict, where: str, options: ResultOptions = ResultOptions(), run: str | None = None) -> Result:

@@ -4,7 +4,9 @@
 in file order (``prompts_file_rows`` too, without a prompt: no prompt flag needed), with ``prompt`` (``PROMPT_FIELD``) the input the model saw as
 ``{role, content}`` messages (``prompt_messages``); ``Requests`` says which of them a run
 joins to; ``keep_values`` and ``merge_keep`` make the ``--keep_fields`` values JSON bytes
-for the store and the output.
+for the store and the output. ``asked_of`` reads what a fine-tuned record says it asked
+(``request_sha256``, ``prompts.request_digest``), checked against the ``prompt`` of its id
+(``ResultStore.asked_elsewhere``; ``asked_refusal`` when it differs).
 """
 
 from __future__ import annotations
@@ -95,6 +97,32 @@ class Requests:
     flag: str
     metadata: Iterable[tuple[str, str, dict]] | None = None
     metadata_flag: str = "--prompts_file"
+    # The file whose rows' ``prompt`` is the input as sent (a batch input; a prompts file read
+    # with the prompt flags): fine-tuned records that say what they asked must match it.
+    asked_in: str | None = None
+
+
+def asked_of(obj: dict) -> str | None:
+    """What a fine-tuned record (raw, or reformatted: in its details) says it asked, if it does."""
+    asked, details = obj.get("request_sha256"), obj.get("details")
+    if asked is None and isinstance(details, str) and '"request_sha256"' in details:
+        try:
+            details = loads(details)
+        except ValueError:
+            return None
+    if asked is None and isinstance(details, dict):
+        asked = details.get("request_sha256")
+    return asked if isinstance(asked, str) and asked else None
+
+
+def asked_refusal(found: tuple, files: list, requests: Requests) -> UserError:
+    """``ResultStore.asked_elsewhere``'s find as the one-line refusal."""
+    file, custom_id, where, mismatched, checked = found
+    name = files[file] if 0 <= file < len(files) else "the results"
+    hint = ", read with the prompt flags they were made with" if requests.flag == "--prompts_file" else ""
+    return UserError(f"{name}: {mismatched} of {checked} answers were made for other prompts than {requests.flag} "
+                     f"{requests.asked_in} has (first: {custom_id}, {where}): reformat them against the input "
+                     f"they were made from{hint}")
 
 
 def keep_values(fields: dict, names: Iterable[str], types: dict[str, set[str]], found: set[str]) -> bytes:

@@ -8,9 +8,13 @@ to merge them, and ``--compare`` gives each run its own column, named by its run
 
 - **fine-tuned** (a generations record, raw or reformatted): the source, the base model,
   the adapter, the record's ``run`` name and the fingerprint's ``model``, ``adapter`` and
-  ``engine`` parts, and its ``generation`` part (records of one file are one run whatever
-  their per-request parameters; a file's records without a ``run`` name, written before
-  records had one, join the named ones of that file).
+  ``engine`` parts; not its ``generation`` part, which varies per request with the batch
+  input's parameters (shards of one run are one run whatever they hold). A file's records
+  without a ``run`` name, written before records had one, join the named ones of that file.
+  Two runs of one adapter that differ only in generation settings (``--temperature 0.7``
+  and ``1.0``) show as a **conflict**: the same ``custom_id`` answered twice with differing
+  ``generation`` fingerprints (``variant``), refused with ``generation_conflict``; the same
+  record read twice (a glob over a file and its shards) is a duplicate, dropped quietly.
 - **OpenAI**: the model as requested (the download's sidecar, ``datagen.provenance``; else
   the answer's model) and the batch inputs the sidecar names (``input_digests``; a part of a
   split input also stands for the whole input). Files whose inputs overlap (a download and
@@ -26,10 +30,12 @@ file's run, or the run of the output file beside them.
 
 from __future__ import annotations
 
+import json
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from datagen.errors import UserError
 
@@ -52,9 +58,15 @@ def finetuned_name(obj: dict) -> str:
 
 def _fingerprint_parts(fingerprint: Any) -> tuple:
     if not isinstance(fingerprint, dict):
-        return (None, None, None), None
-    return (fingerprint.get("model"), fingerprint.get("adapter"), fingerprint.get("engine")), \
-        fingerprint.get("generation")
+        return None, None, None
+    return fingerprint.get("model"), fingerprint.get("adapter"), fingerprint.get("engine")
+
+
+def variant(fingerprint: Any) -> str | None:
+    """The fingerprint's ``generation`` part (a short hash): two records of one id in one
+    run must have the same (``generation_conflict``); None when there is none."""
+    value = fingerprint.get("generation") if isinstance(fingerprint, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def _text(value: Any) -> str | None:
@@ -64,17 +76,16 @@ def _text(value: Any) -> str | None:
 def run_key(source: str, obj: dict, *, roots: frozenset | None = None, requested: str | None = None,
             fingerprint: Any = None) -> tuple:
     """The identity of the run that made ``obj`` (see the module docstring), as a tuple
-    ``(source, run, model, adapter, fingerprint parts, generation, roots)``.
+    ``(source, run, model, adapter, fingerprint parts, roots)``.
 
     Fine-tuned: ``obj`` is a generations record (``fingerprint`` defaults to its own) or a
     reformatted record (pass the fingerprint from its details). OpenAI: ``requested`` is the
     model the sidecar names, else ``obj["model"]`` (the answer's); ``roots`` the sidecar's inputs.
     """
     if source == OPENAI:
-        return OPENAI, requested or _text(obj.get("run")) or _text(obj.get("model")), None, None, None, None, roots
-    parts, generation = _fingerprint_parts(obj.get("fingerprint") if fingerprint is None else fingerprint)
-    return (FINETUNED, _text(obj.get("run")), _text(obj.get("model")), _text(obj.get("adapter")), parts,
-            generation, None)
+        return OPENAI, requested or _text(obj.get("run")) or _text(obj.get("model")), None, None, None, roots
+    parts = _fingerprint_parts(obj.get("fingerprint") if fingerprint is None else fingerprint)
+    return FINETUNED, _text(obj.get("run")), _text(obj.get("model")), _text(obj.get("adapter")), parts, None
 
 
 def key_name(key: tuple) -> str:
@@ -149,6 +160,9 @@ class RunSorter:
             self._node_info.append((file_number, key))
         return node
 
+    def file_of(self, node: int) -> Path:
+        return self.files[self._node_info[node][0]]
+
     def runs(self) -> list[FoundRun]:
         parent = list(range(len(self._node_info)))
 
@@ -170,24 +184,23 @@ class RunSorter:
         unnamed: list[tuple[int, tuple]] = []
         for node, file_number, key in known:
             join(node, ("key", key))  # the same identity in two files: one run
-            if key[0] == FINETUNED:  # one file: per-request parameters; records without a name
+            if key[0] == FINETUNED:  # records without a name join the named ones of their file
                 base = (file_number, *key[2:5])
                 if key[1] is None:
                     unnamed.append((node, base))
                 else:
-                    join(node, ("file", *base, key[1]))
                     first.setdefault(("file-named", *base), node)
-            elif key[6]:  # overlapping inputs: a retry's download, parts of one input
-                for token in key[6]:
+            elif key[5]:  # overlapping inputs: a retry's download, parts of one input
+                for token in key[5]:
                     join(node, ("input", key[1], token))
         for node, base in unnamed:
             join(node, ("file-named", *base))
         models: dict[str, set[int]] = {}
         for node, _, key in known:
-            if key[0] == OPENAI and key[6] is not None:
+            if key[0] == OPENAI and key[5] is not None:
                 models.setdefault(key[1], set()).add(node)
         for node, _, key in known:  # no sidecar: the one run of that model, if there is one
-            if key[0] == OPENAI and key[6] is None:
+            if key[0] == OPENAI and key[5] is None:
                 others = {find(n) for n in models.get(key[1], ())}
                 if len(others) == 1:
                     union(node, others.pop())
@@ -243,5 +256,60 @@ class RunSorter:
                             "cannot tell which run they belong to: give each run's files on their own")
 
 
+def input_tokens(keys: Iterable[tuple]) -> set:
+    """The batch inputs that OpenAI run keys answer, per model (as ``RunSorter`` joins them):
+    two runs sharing one are one run (a download and its ``--retry_failed`` download)."""
+    return {(key[1], token) for key in keys if key[0] == OPENAI and key[5] for token in key[5]}
+
+
 def describe_runs(runs: list[FoundRun]) -> str:
     return "; ".join(run.describe() for run in runs)
+
+
+def record_generation(obj: dict) -> tuple[Any, str | None, Any]:
+    """``(id, variant, generation)`` of a generations record, raw or reformatted (its details)."""
+    if "custom_id" in obj:
+        return obj.get("custom_id"), variant(obj.get("fingerprint")), obj.get("generation")
+    details = obj.get("details")
+    if isinstance(details, str):
+        try:
+            details = json.loads(details)
+        except ValueError:
+            details = None
+    details = details if isinstance(details, dict) else {}
+    return obj.get("id"), variant(details.get("fingerprint")), details.get("generation")
+
+
+def _value(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def generation_conflict(custom_id: str, name: str, first: tuple[Path, Any], second: tuple[Path, Any],
+                        context: str) -> UserError:
+    """The refusal for two answers of one id in one run, made with different generation
+    settings (``first``/``second``: ``(file, generation dict)``): two runs that differ
+    only in those, named by the user (``--compare NAME=PATH``)."""
+    (path_a, gen_a), (path_b, gen_b) = first, second
+    gen_a, gen_b = (g if isinstance(g, dict) else {} for g in (gen_a, gen_b))
+    keys = [k for k in dict.fromkeys([*gen_a, *gen_b]) if gen_a.get(k) != gen_b.get(k)]
+    differs = ", ".join(f"{k} {_value(gen_a.get(k))} vs {_value(gen_b.get(k))}" for k in keys[:3]) or \
+        "their generation fingerprints"
+    if Path(path_a).resolve() == Path(path_b).resolve():
+        return UserError(f"{context}{path_a} answers {custom_id!r} twice with different generation settings "
+                         f"({differs}): two runs of {name!r} in one file; keep one run per file")
+    names = [re.sub(r"[^A-Za-z0-9._-]", "", _value(g.get(keys[0])) if keys else "") for g in (gen_a, gen_b)]
+    if not all(names) or names[0] == names[1]:
+        names = ["1", "2"]
+    hint = " ".join(f"{name}_{n}={shlex.quote(str(p))}" for n, p in zip(names, (path_a, path_b)))
+    return UserError(f"{context}{path_a} and {path_b} both answer {custom_id!r} for run {name!r}, with different "
+                     f"generation settings ({differs}): they are two runs, never merged; put them side by side "
+                     f"with --compare {hint} (or reformat each on its own)")
+
+
+def generation_of(lines: Iterable[dict], custom_id: str, wanted: str) -> Any:
+    """The ``generation`` dict of the record of ``custom_id`` with variant ``wanted`` in ``lines``."""
+    for obj in lines:
+        found_id, found_variant, generation = record_generation(obj)
+        if found_id == custom_id and found_variant == wanted:
+            return generation
+    return None

@@ -68,9 +68,10 @@ class ResultStore:
                                "cache_size = -32768", "temp_store = FILE"):
                     self.db.execute(f"PRAGMA {pragma}")
                 self.db.execute("CREATE TABLE results (custom_id TEXT NOT NULL, ok INTEGER NOT NULL, "
-                                "offset INTEGER NOT NULL, length INTEGER NOT NULL)")
+                                "offset INTEGER NOT NULL, length INTEGER NOT NULL, file INTEGER, variant TEXT, "
+                                "asked TEXT)")
                 self.db.execute("CREATE TABLE inputs (pos INTEGER PRIMARY KEY, custom_id TEXT NOT NULL, "
-                                "src TEXT NOT NULL, keep BLOB)")
+                                "src TEXT NOT NULL, keep BLOB, asked TEXT)")
                 self.db.execute("CREATE TABLE meta (pos INTEGER PRIMARY KEY, custom_id TEXT NOT NULL, "
                                 "src TEXT NOT NULL, keep BLOB)")
         except BaseException:
@@ -133,25 +134,29 @@ class ResultStore:
             raise self._fault(exc) from None
         return count
 
-    def _spooled(self, rows: Iterable[tuple[str, bool, bytes]]) -> Iterator[tuple[str, bool, int, int]]:
+    def _spooled(self, rows: Iterable[tuple]) -> Iterator[tuple]:
+        """``(custom_id, ok, record, *more)`` -> ``(custom_id, ok, offset, length, *more)``."""
         write, offset = self.spool.write, self.spool_size
-        for custom_id, ok, record in rows:
+        for custom_id, ok, record, *more in rows:
             try:
                 write(record)
             except OSError as exc:  # disk full: a write error names no file
                 raise self._fault(exc) from None
-            yield custom_id, ok, offset, len(record)
+            yield custom_id, ok, offset, len(record), *more
             offset += len(record)
         self.spool_size = offset
 
-    def add_results(self, rows: Iterable[tuple[str, bool, bytes]]) -> int:
-        """``(custom_id, ok, record_json_bytes)`` rows, in reading order."""
-        return self._insert("INSERT INTO results VALUES (?, ?, ?, ?)", self._spooled(rows))
+    def add_results(self, rows: Iterable[tuple[str, bool, bytes, int, str | None, str | None]]) -> int:
+        """``(custom_id, ok, record_json_bytes, file_number, variant, asked)`` rows, in reading order
+        (``variant``: the generation fingerprint, ``datagen.result_runs.variant``; ``asked``: a
+        fine-tuned record's ``request_sha256``)."""
+        return self._insert("INSERT INTO results VALUES (?, ?, ?, ?, ?, ?, ?)", self._spooled(rows))
 
-    def add_inputs(self, rows: Iterable[tuple[str, str, bytes | None]]) -> int:
-        """``(custom_id, where, keep_json_bytes)`` rows of the original requests, in order."""
+    def add_inputs(self, rows: Iterable[tuple[str, str, bytes | None, str | None]]) -> int:
+        """``(custom_id, where, keep_json_bytes, asked)`` rows of the original requests, in order
+        (``asked``: ``prompts.request_digest`` of the request, or None)."""
         self.has_inputs = True
-        return self._insert("INSERT INTO inputs (custom_id, src, keep) VALUES (?, ?, ?)", rows)
+        return self._insert("INSERT INTO inputs (custom_id, src, keep, asked) VALUES (?, ?, ?, ?)", rows)
 
     def add_metadata(self, rows: Iterable[tuple[str, str, bytes | None]]) -> int:
         """``(custom_id, where, keep_json_bytes)`` rows joined to the inputs by custom_id."""
@@ -184,14 +189,39 @@ class ResultStore:
             raise UserError(f"{second}: duplicate custom_id {row[0]!r} in {flag} (first at {first}); "
                             "ids must be unique to join results to requests")
 
+    ANSWERS = ("results", "file")  # the table of answers and the column naming their file
+
+    def has_asked(self) -> bool:
+        """Some answer says what it asked (a fine-tuned record's ``request_sha256``)."""
+        with self._faults():
+            return self.db.execute(f"SELECT 1 FROM {self.ANSWERS[0]} WHERE asked IS NOT NULL "
+                                   "LIMIT 1").fetchone() is not None
+
+    def asked_elsewhere(self) -> tuple | None:
+        """The first answer (in input order) made for another request than the input of its
+        id: ``(file, custom_id, where, mismatched, checked)``, the counts over that file's
+        answers that say what they asked; None when all of them match."""
+        self._index()
+        table, file = self.ANSWERS
+        joined = (f"FROM {table} r JOIN inputs i ON i.custom_id = r.custom_id "
+                  "WHERE r.asked IS NOT NULL AND i.asked IS NOT NULL")
+        with self._faults():
+            first = self.db.execute(f"SELECT r.{file}, r.custom_id, i.src {joined} AND r.asked != i.asked "
+                                    "ORDER BY i.pos, r.rowid LIMIT 1").fetchone()
+            if first is None:
+                return None
+            counts = self.db.execute("SELECT COUNT(DISTINCT CASE WHEN r.asked != i.asked THEN r.custom_id END), "
+                                     f"COUNT(DISTINCT r.custom_id) {joined} AND r.{file} = ?", first[:1]).fetchone()
+        return (*first, *counts)
+
     def extra_count(self) -> int:
         self._index()
         with self._faults():
             return self.db.execute("SELECT COUNT(DISTINCT custom_id) FROM results r WHERE NOT EXISTS "
                                    "(SELECT 1 FROM inputs i WHERE i.custom_id = r.custom_id)").fetchone()[0]
 
-    def rows(self) -> Iterator[tuple[str, bytes | None, int | None, int | None, int | None, bytes | None]]:
-        """``(custom_id, keep_json, ok, offset, length, meta_keep_json)``: every stored
+    def rows(self) -> Iterator[tuple]:
+        """``(custom_id, keep_json, ok, offset, length, meta_keep_json, variant, file)``: every stored
         result (ok None for an input without one), grouped by id with the success first,
         then the first read; ``meta_keep_json`` is the metadata row of that id, if any.
 
@@ -200,7 +230,7 @@ class ResultStore:
         """
         self._index()
         natural = "ORDER BY natural_key(r.custom_id), r.custom_id, r.ok DESC, r.rowid"
-        columns = "r.custom_id, NULL, r.ok, r.offset, r.length, NULL"
+        columns = "r.custom_id, NULL, r.ok, r.offset, r.length, NULL, r.variant, r.file"
         # The consumer's exceptions never pass through here: only the store's own are caught.
         with self._faults():
             self.spool.flush()
@@ -209,7 +239,7 @@ class ResultStore:
                 return
             yield from self.db.execute(
                 "SELECT i.custom_id, i.keep, r.ok, r.offset, r.length, "
-                "(SELECT m.keep FROM meta m WHERE m.custom_id = i.custom_id) FROM inputs i "
+                "(SELECT m.keep FROM meta m WHERE m.custom_id = i.custom_id), r.variant, r.file FROM inputs i "
                 "LEFT JOIN results r ON r.custom_id = i.custom_id ORDER BY i.pos, r.ok DESC, r.rowid")
             yield from self.db.execute(
                 f"SELECT {columns} FROM results r WHERE NOT EXISTS "
@@ -229,13 +259,28 @@ class Duplicates:
     example: str | None = None
 
 
+class VariantConflict(Exception):
+    """One id answered twice in one run with different generation settings: ``first`` and
+    ``second`` are ``(file, variant)`` of the two (``file``: a file number, or a node in ``--compare``)."""
+
+    def __init__(self, custom_id: str, first: tuple, second: tuple, run: int | None = None):
+        super().__init__(custom_id)
+        self.custom_id, self.first, self.second, self.run = custom_id, first, second, run
+
+
 def pick(rows: Iterable[tuple], duplicates: Duplicates) -> Iterator[tuple]:
     """Keep the first row of each custom_id group (the success if any, else the first
-    read). An empty custom_id is never merged: each such failure stays its own line."""
-    previous, chosen_ok, counted = None, None, False
+    read). An empty custom_id is never merged: each such failure stays its own line.
+    Rows end with ``(variant, file)``: two variants of one id raise ``VariantConflict``."""
+    previous, chosen_ok, counted, seen = None, None, False, None
     for row in rows:
-        custom_id, ok = row[0], row[2]
+        custom_id, ok, variant = row[0], row[2], row[6]
         if custom_id == previous and custom_id != "":
+            if variant is not None:
+                if seen is None:
+                    seen = (row[7], variant)
+                elif variant != seen[1]:
+                    raise VariantConflict(custom_id, seen, (row[7], variant))
             if not counted:
                 duplicates.ids += 1
                 duplicates.example = duplicates.example or custom_id
@@ -244,4 +289,5 @@ def pick(rows: Iterable[tuple], duplicates: Duplicates) -> Iterator[tuple]:
                     duplicates.success_won += 1
             continue
         previous, chosen_ok, counted = custom_id, ok, False
+        seen = (row[7], variant) if variant is not None else None
         yield row

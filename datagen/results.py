@@ -62,14 +62,18 @@ from datagen.result_answers import (EXTRACTORS, RESPONSES_INCOMPLETE, Answer, bo
                                     chat_answer, completions_answer, embeddings_answer, responses_answer,
                                     usage_fields)
 from datagen.result_lines import (CHAT_DETAILS, FINETUNED, FINETUNED_DETAILS, KIND_NAMES, OPENAI, PARSERS,
-                                  SOURCE_TYPES, Result, ResultOptions, failed_record, fast_chat_record,
-                                  finetuned_answer, finetuned_result, line_kind, openai_result, output_record)
+                                  SOURCE_TYPES, Result, ResultOptions, check_raw, compare_table_row, failed_record,
+                                  fast_chat_record, finetuned_answer, finetuned_result, line_kind, openai_result,
+                                  output_record, table_refusal)
 from datagen.result_output import (COLUMNS, FAILED_COLUMNS, OLD_COLUMNS, OUTPUT_SUFFIXES, Sink, arrow_types,
                                    open_sink, output_format)
-from datagen.result_requests import (PROMPT_FIELD, Requests, batch_input_requests, body_prompt, keep_values,
-                                     merge_keep, prompt_messages, prompts_file_requests, prompts_file_rows)
-from datagen.result_runs import FoundRun, Origins, RunSorter, describe_runs, run_key
-from datagen.result_store import Duplicates, ResultStore, natural_key, pick
+from datagen.prompts import request_digest
+from datagen.result_requests import (PROMPT_FIELD, Requests, asked_of, asked_refusal, batch_input_requests,
+                                     body_prompt, keep_values, merge_keep, prompt_messages, prompts_file_requests,
+                                     prompts_file_rows)
+from datagen.result_runs import (FoundRun, Origins, RunSorter, describe_runs, generation_conflict, generation_of,
+                                 run_key, variant)
+from datagen.result_store import Duplicates, ResultStore, VariantConflict, natural_key, pick
 
 # Everything public of the pieces stays importable as results.NAME (reformat_results.py,
 # datagen.compare and the tests use it so), beside the run's own names.
@@ -77,14 +81,15 @@ __all__ = [
     "EXTRACTORS", "RESPONSES_INCOMPLETE", "Answer", "body_answer", "body_endpoint", "chat_answer",
     "completions_answer", "embeddings_answer", "responses_answer", "usage_fields",
     "CHAT_DETAILS", "FINETUNED", "FINETUNED_DETAILS", "KIND_NAMES", "OPENAI", "PARSERS", "SOURCE_TYPES",
-    "Result", "ResultOptions", "failed_record", "fast_chat_record", "finetuned_answer", "finetuned_result",
-    "line_kind", "openai_result", "output_record",
+    "Result", "ResultOptions", "check_raw", "compare_table_row", "failed_record", "fast_chat_record",
+    "finetuned_answer", "finetuned_result", "line_kind", "openai_result", "output_record", "table_refusal",
     "COLUMNS", "FAILED_COLUMNS", "OLD_COLUMNS", "OUTPUT_SUFFIXES", "Sink", "arrow_types", "open_sink",
     "output_format",
-    "PROMPT_FIELD", "Requests", "batch_input_requests", "body_prompt", "keep_values", "merge_keep",
-    "prompt_messages", "prompts_file_requests", "prompts_file_rows",
+    "PROMPT_FIELD", "Requests", "asked_of", "asked_refusal", "batch_input_requests", "body_prompt", "keep_values",
+    "merge_keep", "prompt_messages", "prompts_file_requests", "prompts_file_rows",
     "Duplicates", "ResultStore", "natural_key", "pick",
-    "FoundRun", "Origins", "RunSorter", "describe_runs", "run_key",
+    "FoundRun", "Origins", "RunSorter", "describe_runs", "generation_conflict", "generation_of", "run_key",
+    "variant", "VariantConflict",
     "expand_inputs", "check_shards", "Counts", "Summary", "KindCheck", "load_requests", "one_run", "reformat",
 ]
 
@@ -189,6 +194,7 @@ class KindCheck:
         self.first_where = None
 
     def check(self, obj: dict, where: str) -> str:
+        check_raw(obj, where)
         kind = line_kind(obj)
         if kind is None:
             keys = ", ".join(list(obj)[:10]) or "none"
@@ -208,8 +214,9 @@ class KindCheck:
 
 
 def _parse_files(paths: list[Path], kinds: KindCheck, options: ResultOptions,
-                 counts: Counts, sorter: RunSorter) -> Iterator[tuple[str, bool, str]]:
-    """Every line of ``paths`` as ``(custom_id, ok, record)``; ``sorter`` notes the run
+                 counts: Counts, sorter: RunSorter) -> Iterator[tuple[str, bool, bytes, int, str | None, str | None]]:
+    """Every line of ``paths`` as ``(custom_id, ok, record, file number, variant, asked)``
+    (``asked``: a fine-tuned record's ``request_sha256``); ``sorter`` notes the run
     identity of each (``datagen.result_runs``)."""
     from datagen.cli import progress
 
@@ -224,42 +231,52 @@ def _parse_files(paths: list[Path], kinds: KindCheck, options: ResultOptions,
                 record = fast_chat_record(obj, requested)
                 if record is not None:
                     note(number, file_key or run_key(OPENAI, record, roots=roots))
-                    yield record["id"], True, dumps_bytes(record)
+                    yield record["id"], True, dumps_bytes(record), number, None, None
                     continue
             where = f"{path}:{line_number}"
             kind = kinds.check(obj, where)
             result = PARSERS[kind](obj, where, options, requested)
+            generation = asked = None
             if kind == FINETUNED:
                 note(number, run_key(FINETUNED, obj))
+                generation, asked = variant(obj.get("fingerprint")), asked_of(obj)
             else:
                 note(number, file_key or (run_key(OPENAI, result.record, roots=roots)
                                           if result.record.get("model") else None))
             counts.cut_off += result.cut_off
             counts.empty += result.empty
             counts.refusals += result.refusal
-            yield result.custom_id, result.ok, dumps_bytes(result.record)
+            yield result.custom_id, result.ok, dumps_bytes(result.record), number, generation, asked
 
 
-def _keep_rows(requests: Iterable[tuple[str, str, dict]], keep_fields: list[str],
-               keep_types: dict[str, set[str]], found: set[str]) -> Iterator[tuple[str, str, bytes | None]]:
+def _keep_rows(requests: Iterable[tuple[str, str, dict]], keep_fields: list[str], keep_types: dict[str, set[str]],
+               found: set[str], asked: bool = False) -> Iterator[tuple[str, str, bytes | None, str | None]]:
+    """``(custom_id, where, kept fields, what it asked)``: the last only with ``asked``."""
     for custom_id, where, fields in requests:
-        yield custom_id, where, keep_values(fields, keep_fields, keep_types, found) if keep_fields else None
+        yield (custom_id, where, keep_values(fields, keep_fields, keep_types, found) if keep_fields else None,
+               request_digest(fields[PROMPT_FIELD]) if asked else None)
 
 
 def load_requests(store: ResultStore, requests: Requests, keep_fields: list[str],
-                  keep_types: dict[str, set[str]], summary: "Summary") -> None:
-    """Put the requests (and their metadata) in the store; check ids and kept fields."""
+                  keep_types: dict[str, set[str]], summary: "Summary", files: list[Path] = ()) -> None:
+    """Put the requests (and their metadata) in the store; check ids and kept fields, and
+    that answers which say what they asked were made for these requests (``files``: the
+    file of each answer's file number in the store)."""
     found: set[str] = set()
-    summary.expected = store.add_inputs(_keep_rows(requests.rows, keep_fields, keep_types, found))
+    asked = requests.asked_in is not None and store.has_asked()  # else nothing to check
+    summary.expected = store.add_inputs(_keep_rows(requests.rows, keep_fields, keep_types, found, asked))
     if summary.expected == 0:
         raise UserError(f"{requests.flag} has no requests; check the file")
     store.check_unique_inputs(requests.flag)
+    elsewhere = store.asked_elsewhere() if asked else None
+    if elsewhere:  # answers made from another input than this one: their prompts would be wrong
+        raise asked_refusal(elsewhere, files, requests)
     flags = requests.flag
     if requests.metadata is not None:
         flags += f" or {requests.metadata_flag}"
         # The batch input's prompt is the exact one; the prompts file gives the other fields.
         names = [name for name in keep_fields if name != PROMPT_FIELD]
-        store.add_metadata(_keep_rows(requests.metadata, names, keep_types, found))
+        store.add_metadata(row[:3] for row in _keep_rows(requests.metadata, names, keep_types, found))
         store.check_unique_inputs(requests.metadata_flag, "meta")
         unmatched = store.unmatched_inputs()
         if unmatched == summary.expected:
@@ -293,8 +310,6 @@ def reformat(inputs: list[Path], output: Path, failed_path: Path, *, source_type
     Both outputs are complete or absent. Input errors (files of several runs included) are
     raised before anything is written.
     """
-    from datagen.cli import progress
-
     keep_fields = list(keep_fields)
     summary = Summary(files=len(inputs))
     counts = summary.counts
@@ -306,30 +321,50 @@ def reformat(inputs: list[Path], output: Path, failed_path: Path, *, source_type
                   time.process_time())
         if counts.lines == 0:
             raise UserError(f"no result lines in {', '.join(map(str, inputs))}; check --input_file")
-        one_run(sorter.runs(), compare_hint)
+        runs = sorter.runs()
+        one_run(runs, compare_hint)
         keep_types: dict[str, set[str]] = {name: set() for name in keep_fields}
         if requests is not None:
-            load_requests(store, requests, keep_fields, keep_types, summary)
-        null_keep = dumps_bytes(dict.fromkeys(keep_fields)) if keep_fields else None
+            load_requests(store, requests, keep_fields, keep_types, summary, inputs)
         columns = [*COLUMNS, *keep_fields]
         started = time.perf_counter()
-        # closing(): the cursor is closed while the database is still open, whatever happens.
-        with open_sink(output, columns, arrow_types(keep_types, columns)) as sink, \
-                atomic_writer(failed_path, "wb") as failed, contextlib.closing(store.rows()) as stored:
-            rows = pick(stored, summary.duplicates)
-            record = store.record
-            for custom_id, keep, ok, offset, length, meta in progress(rows, desc="writing", unit="request"):
-                if ok is None:
-                    summary.missing += 1
-                    failed.write(dumps_bytes(failed_record(
-                        custom_id, "missing", message="no result for this request in the --input_file files")) + b"\n")
-                elif ok:
-                    summary.ok += 1
-                    sink.write(record(offset, length), merge_keep(keep_fields, keep, meta) if keep or meta
-                               else null_keep)
-                else:
-                    summary.failed += 1
-                    failed.write(record(offset, length) + b"\n")
+        try:
+            _write(store, output, failed_path, columns, keep_types, keep_fields, summary)
+        except VariantConflict as conflict:  # one id answered with two generation settings: two runs
+            raise _conflict_error(conflict, inputs, runs[0].name) from None
         log.debug("sorted, joined and wrote in %.1f s (%.1f s CPU in all)", time.perf_counter() - started,
                   time.process_time())
     return summary
+
+
+def _conflict_error(conflict: VariantConflict, inputs: list[Path], name: str) -> UserError:
+    found = []
+    for number, wanted in (conflict.first, conflict.second):
+        lines = (obj for _, obj in iter_jsonl_objects(inputs[number]))
+        found.append((inputs[number], generation_of(lines, conflict.custom_id, wanted)))
+    return generation_conflict(conflict.custom_id, name, found[0], found[1], "")
+
+
+def _write(store: ResultStore, output: Path, failed_path: Path, columns: list[str],
+           keep_types: dict[str, set[str]], keep_fields: list[str], summary: Summary) -> None:
+    """The output and failed files from the store: one result per id (``pick``)."""
+    from datagen.cli import progress
+
+    null_keep = dumps_bytes(dict.fromkeys(keep_fields)) if keep_fields else None
+    # closing(): the cursor is closed while the database is still open, whatever happens.
+    with open_sink(output, columns, arrow_types(keep_types, columns)) as sink, \
+            atomic_writer(failed_path, "wb") as failed, contextlib.closing(store.rows()) as stored:
+        rows = pick(stored, summary.duplicates)
+        record = store.record
+        for custom_id, keep, ok, offset, length, meta, *_ in progress(rows, desc="writing", unit="request"):
+            if ok is None:
+                summary.missing += 1
+                failed.write(dumps_bytes(failed_record(
+                    custom_id, "missing", message="no result for this request in the --input_file files")) + b"\n")
+            elif ok:
+                summary.ok += 1
+                sink.write(record(offset, length), merge_keep(keep_fields, keep, meta) if keep or meta
+                           else null_keep)
+            else:
+                summary.failed += 1
+                failed.write(record(offset, length) + b"\n")

@@ -66,6 +66,19 @@ def test_shards_of_several_adapters(tiny, second, capsys):  # noqa: F811
         assert sorted(ids) == sorted(f"p{i}" for i in range(5))
 
 
+def test_adapter_names_with_dots_switch_like_any_other(tiny, second, capsys):  # noqa: F811
+    """A NAME such as v1.2 (dots are allowed) cannot be a torch module name: peft keeps it
+    under another name, and the records and files keep the run's own."""
+    write_prompts(count=3)
+    code, _, err = run_main(capsys, *common(tiny), "--adapter_path", f"v1.2={tiny['adapter']}",
+                            "--adapter_path", f"v1.3={second}")
+    assert code == 0, err
+    assert run_main(capsys, *common(tiny, "alone.jsonl"), "--adapter_path", second)[0] == 0
+    assert texts("gen.v1.3.jsonl") == texts("alone.jsonl")
+    assert {r["run"] for r in read_jsonl("gen.v1.2.jsonl")} == {"v1.2"}
+    assert texts("gen.v1.2.jsonl") != texts("gen.v1.3.jsonl")
+
+
 def test_adapter_names():
     assert inputs.parse_adapters(["x=/a/b", "/c/d/ckpt-9/", "e"]) == {"x": "/a/b", "ckpt-9": "/c/d/ckpt-9/", "e": "e"}
     assert inputs.parse_adapters(["runs/lr=3e-4"]) == {"lr=3e-4": "runs/lr=3e-4"}  # a folder name with "="

@@ -234,8 +234,65 @@ def test_results_without_a_sidecar_are_accepted_with_a_warning(api, cli, capsys)
     Path("elsewhere.jsonl").write_bytes(Path("results.jsonl").read_bytes())
     code, out, err = reformat(capsys, "--input_file", "elsewhere.jsonl", "--batch_input", "batchinput.jsonl")
     assert code == 0 and "2 ok, 0 failed, 0 missing" in out
-    assert "elsewhere.jsonl has no elsewhere.jsonl.source.json beside it (downloaded elsewhere?): cannot check " \
-           "that it answers --batch_input batchinput.jsonl" in err
+    assert "elsewhere.jsonl has no elsewhere.jsonl.source.json beside it (downloaded elsewhere?): only its model " \
+           "(gpt-4o-mini) was checked against --batch_input batchinput.jsonl" in err
+
+
+def test_results_without_a_sidecar_must_answer_the_model_asked_for(api, cli, capsys, monkeypatch):
+    """A judge batch's results (gpt-4o) copied without their sidecar are not answers to a
+    gpt-4o-mini batch input; OpenAI's dated names pass; another service only warns."""
+    write_input("answers.jsonl", n=3)  # gpt-4o-mini
+    assert cli("--run", "--file", "answers.jsonl", "--wait").rc == 0
+    [a_id] = saved_ids()
+    write_jsonl("judge.jsonl", [chat_row(f"q{i}", f"grade answer {i}", model="gpt-4o") for i in range(3)])
+    assert cli("--run", "--file", "judge.jsonl", "--wait", "--download", "resJ.jsonl").rc == 0
+    Path("web.jsonl").write_bytes(Path("resJ.jsonl").read_bytes())  # no web.jsonl.source.json
+    monkeypatch.delenv("OPENAI_BASE_URL")  # OpenAI itself
+    before = files_in(".")
+    refusal = (f"reformat_results.py: error: web.jsonl: its answers come from gpt-4o, not from the gpt-4o-mini that "
+               f"--batch_input answers.jsonl asks for (it has no web.jsonl.source.json to say which batch it is); "
+               f"download its results with: python batch_utils.py --download answers.results.jsonl --id {a_id}")
+    code, _, err = reformat(capsys, "--input_file", "web.jsonl", "--batch_input", "answers.jsonl",
+                            "--output_file", "out.jsonl")
+    assert code == 1 and err.strip() == refusal
+    code, _, err = reformat(capsys, "--compare", "web.jsonl", "--batch_input", "answers.jsonl",
+                            "--output_file", "table.csv")
+    assert code == 1 and err.strip() == refusal
+    assert files_in(".") == before
+    monkeypatch.setenv("OPENAI_BASE_URL", "https://api.openai.com/v1")  # OpenAI named: refused the same
+    assert reformat(capsys, "--input_file", "web.jsonl", "--batch_input", "answers.jsonl")[0] == 1
+    monkeypatch.delenv("OPENAI_BASE_URL")
+
+    def rewrite(source, target, old, new, extra=None):
+        lines = read_jsonl(source)
+        for line in lines:
+            body = line["response"]["body"]
+            assert body["model"] == old
+            body["model"] = new
+            body.update(extra or {})
+        write_jsonl(target, lines)
+
+    Path("judge.jsonl").rename("judge-gpt-4o.jsonl")  # the dated name OpenAI answers with passes
+    rewrite("resJ.jsonl", "dated.jsonl", "gpt-4o", "gpt-4o-2024-08-06")
+    code, out, _ = reformat(capsys, "--input_file", "dated.jsonl", "--batch_input", "judge-gpt-4o.jsonl",
+                            "--output_file", "dated.out.jsonl")
+    assert code == 0 and "3 ok, 0 failed, 0 missing" in out
+    rewrite("resJ.jsonl", "mini.jsonl", "gpt-4o", "gpt-4o-mini-2024-07-18")  # gpt-4o is a prefix, not the model
+    code, _, err = reformat(capsys, "--input_file", "mini.jsonl", "--batch_input", "judge-gpt-4o.jsonl",
+                            "--output_file", "mini.out.jsonl")
+    assert code == 1 and "mini.jsonl: its answers come from gpt-4o-mini-2024-07-18, not from the gpt-4o that " \
+        "--batch_input judge-gpt-4o.jsonl asks for" in err and not Path("mini.out.jsonl").exists()
+    # Azure names deployments, and its answers carry prompt_filter_results: a warning only
+    rewrite("resJ.jsonl", "azure.jsonl", "gpt-4o", "gpt-4o-2024-11-20", {"prompt_filter_results": []})
+    code, out, err = reformat(capsys, "--input_file", "azure.jsonl", "--batch_input", "answers.jsonl",
+                              "--output_file", "azure.out.jsonl")
+    assert code == 0 and "3 ok" in out and "azure.jsonl: its answers come from gpt-4o-2024-11-20, not from the " \
+        "gpt-4o-mini that --batch_input answers.jsonl asks for; only a warning, as Azure (its answers carry " \
+        "prompt_filter_results) may name models otherwise than OpenAI: check that they answer it" in err
+    monkeypatch.setenv("OPENAI_BASE_URL", api.base_url)  # another service: a warning only
+    code, out, err = reformat(capsys, "--input_file", "web.jsonl", "--batch_input", "answers.jsonl",
+                              "--output_file", "web.out.jsonl")
+    assert code == 0 and "as the service at OPENAI_BASE_URL (127.0.0.1) may name models otherwise" in err
 
 
 def test_retry_results_belong_to_the_original_input(api, cli, capsys):
@@ -285,6 +342,63 @@ def test_a_retry_of_a_retry_leads_back_to_the_original_input(api, cli, capsys):
     code, out, err = reformat(capsys, "--input_file", "r2.jsonl", "--batch_input", "batchinput.jsonl",
                               "--allow_partial")
     assert code == 0 and "0 failed" in out and "cannot check" not in err
+
+
+def test_download_never_overwrites_a_batch_input(api, cli):
+    """`--download A.jsonl` where A.jsonl is what the batch was made from: refused, by its
+    first line (a request line) and by the name the batch metadata keeps."""
+    write_input("answers.jsonl", n=3)
+    assert cli("--run", "--file", "answers.jsonl", "--wait").rc == 0
+    [batch_id] = saved_ids()
+    original = Path("answers.jsonl").read_bytes()
+    before = sorted(files_in("."))
+    result = cli("--download", "answers.jsonl", "--id", batch_id)
+    assert result.rc == 1 and result.error_line == (
+        "batch_utils.py: error: --download answers.jsonl is a batch input (its first line is an OpenAI request line) "
+        "and would be overwritten; choose another name, e.g. --download answers.results.jsonl")
+    write_input("other.jsonl", n=2, prefix="z")  # any batch input, not only this batch's
+    assert cli("--download", "other.jsonl").rc == 1
+    Path("notes.jsonl").write_text('{"note": "the input, edited after the run"}\n')
+    os.mkdir("sub")
+    os.replace("answers.jsonl", "answers.jsonl.bak")
+    Path("answers.jsonl").write_bytes(Path("notes.jsonl").read_bytes())
+    by_name = cli("--download", "sub/../answers.jsonl")
+    assert by_name.rc == 1 and by_name.error_line == (
+        f"batch_utils.py: error: --download sub/../answers.jsonl is the batch input {batch_id} (from answers.jsonl) "
+        "was made from and would be overwritten; choose another name, e.g. --download answers.results.jsonl")
+    os.replace("answers.jsonl.bak", "answers.jsonl")
+    assert Path("answers.jsonl").read_bytes() == original
+    assert sorted(files_in(".")) == sorted(before + ["other.jsonl", "notes.jsonl", "sub"]) and no_temporary_files()
+    assert not [hit for hit in api.hits if hit[1].endswith("/content")]  # nothing was downloaded
+    assert cli("--download", "answers.results.jsonl").rc == 0  # the name suggested
+
+
+def test_download_never_replaces_the_results_of_other_batches(api, cli):
+    write_input("answers.jsonl", n=3)
+    assert cli("--run", "--file", "answers.jsonl", "--wait", "--download", "resA.jsonl").rc == 0
+    [a_id] = saved_ids()
+    write_jsonl("judge.jsonl", [chat_row(f"q{i}", f"grade answer {i}") for i in range(3)])
+    assert cli("--run", "--file", "judge.jsonl").rc == 0
+    [b_id] = saved_ids()
+    kept = {name: Path(name).read_bytes() for name in ("resA.jsonl", "resA.jsonl.source.json")}
+    before = sorted(files_in("."))
+    refusal = (f"batch_utils.py: error: --download resA.jsonl holds the results of {a_id} (from answers.jsonl), "
+               f"not of {b_id}; choose another name, or delete resA.jsonl and resA.jsonl.source.json to replace them")
+    for command in (("--download", "resA.jsonl"), ("--wait", "--download", "resA.jsonl")):  # before any wait
+        result = cli(*command)
+        assert result.rc == 1 and result.error_line == refusal
+    assert api.batches[b_id].obj["status"] != "completed"  # it was not waited for
+    write_input("more.jsonl", n=2, prefix="m")
+    queued = cli("--run", "--file", "more.jsonl", "--wait", "--download", "resA.jsonl")  # before any upload
+    assert queued.rc == 1 and queued.error_line == refusal.replace(f"not of {b_id}", "not of the batches of more.jsonl")
+    assert len(api.batches) == 2
+    assert sorted(files_in(".")) == sorted(before + ["more.jsonl"])
+    assert {name: Path(name).read_bytes() for name in kept} == kept
+    again = cli("--download", "resA.jsonl", "--id", a_id)  # the same batches again: a rerun
+    assert again.rc == 0 and Path("resA.jsonl").read_bytes() == kept["resA.jsonl"]
+    Path("resA.jsonl.source.json").unlink()  # without a sidecar nothing says what it holds: replaced
+    assert cli("--wait", "--download", "resA.jsonl").rc == 0
+    assert json.loads(Path("resA.jsonl.source.json").read_text())["batches"][0]["id"] == b_id
 
 
 def test_a_failed_download_leaves_no_sidecar(api, cli):

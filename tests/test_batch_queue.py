@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from datagen.batch_queue import RESUBMIT_PER_FINISH
-from datagen.batchfile import estimate_tokens, part_path
+from datagen.batchfile import estimate_tokens, part_path, usd
 from datagen.local_batch_server import LocalBatchServer
 from tests.test_batch_utils import CHAT, KEY, cli, write_key  # noqa: F401 (fixture)
 from tests.util import ROOT, files_in, read_jsonl, write_jsonl
@@ -183,7 +183,12 @@ def test_cost_report_matches_the_batches_usage(limited, cli):
     assert (f"tokens used: {used['input']:,} input ({used['cached']:,} cached) + {used['output']:,} output "
             f"({used['reasoning']:,} reasoning) = {used['total']:,} tokens") in result.out
     cost = (used["input"] * 0.5 + used["output"] * 2) / 1e6
-    assert f"cost: ${cost:.4f} at the prices given" in result.out
+    assert f"cost: {usd(cost)} at the prices given" in result.out
+
+
+def test_cost_figures_keep_their_significant_digits():
+    assert [usd(a) for a in (0, 1e-9, 1.5e-9, 0.00012345, 0.0001, 0.5, 2, 1234.5)] == [
+        "$0.0000", "$0.000000001", "$0.0000000015", "$0.00012", "$0.0001", "$0.5000", "$2.00", "$1,234.50"]
 
 
 def test_max_cost_refuses_before_anything_is_sent(limited, cli):
@@ -194,6 +199,9 @@ def test_max_cost_refuses_before_anything_is_sent(limited, cli):
         assert "over --max_cost $0.0001; nothing was submitted" in result.error_line
     assert not limited.batches and not limited.files
     assert sorted(files_in(".")) == before
+    tiny = cli("--run", "--max_cost", "1e-9", "--input_price", "0.5", "--output_price", "2")
+    assert tiny.rc == 1 and "over --max_cost $0.000000001; nothing was submitted" in tiny.error_line
+    assert not limited.batches and sorted(files_in(".")) == before
     no_prices = cli(*COMMAND, "--max_cost", "5")
     assert no_prices.rc == 1 and "--max_cost needs --input_price and --output_price" in no_prices.error_line
     assert cli(*COMMAND, "--max_cost", "5", "--input_price", "0.5", "--output_price", "2").rc == 0

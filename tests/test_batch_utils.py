@@ -168,8 +168,20 @@ def test_list_recent_batches(api, cli):
     listing = cli("--limit", "2")
     lines = listing.out.splitlines()
     assert lines[0].startswith("2 most recent batch(es) at http://127.0.0.1:")
-    assert lines[1].startswith(f"* {saved_ids()[0]}") and lines[1].endswith("third")
-    assert lines[2].endswith("second") and not lines[2].startswith("*") and len(lines) == 3
+    assert lines[1].split() == ["batch", "status", "created", "endpoint", "completed/failed/total", "description",
+                                "or", "input"]
+    assert lines[2].startswith(f"* {saved_ids()[0]}") and lines[2].endswith("third")
+    assert lines[3].endswith("second") and not lines[3].startswith("*") and len(lines) == 4
+
+
+def test_list_counts_completed_and_failed_apart(api, cli):
+    """A batch whose 2 requests all failed is 0/2/2, never "2/2"."""
+    write_input("failing.jsonl", n=2, special={0: "[fail]", 1: "[fail]"})
+    assert cli("--run", "--file", "failing.jsonl", "--wait").rc == 0
+    [batch_id] = saved_ids()
+    [header, row] = cli().out.splitlines()[1:]
+    assert row.split()[0:3] == ["*", batch_id, "completed"] and row.split()[-2:] == ["0/2/2", "failing.jsonl"]
+    assert header.index("completed/failed/total") + len("completed/failed/total") == row.index("0/2/2") + 5
 
 
 def test_key_from_environment_and_key_file(server, cli, monkeypatch):
@@ -556,6 +568,20 @@ def test_cost_cap_holds_on_text_that_is_not_english(api, cli):
                       '"error": null}\n',
      "results.jsonl is an OpenAI results file (Batch API output lines), not a batch input; reformat it with: "
      "python reformat_results.py --input_file results.jsonl --batch_input BATCHINPUT.jsonl"),
+    ("gen.a.jsonl", '{"custom_id": "q0", "generated_text": "HH", "finish_reason": "length", "prompt_tokens": 21, '
+                    '"completion_tokens": 2, "source": "finetuned", "run": "a", "model": "tiny/base"}\n',
+     "gen.a.jsonl is a fine-tuned generations file (generate_data_finetuned.py), not a batch input; reformat it "
+     "with: python reformat_results.py --input_file gen.a.jsonl --batch_input BATCHINPUT.jsonl"),
+    ("gen.b.jsonl", '{"custom_id": "q0", "error": {"code": "too_long", "message": "over the context"}, '
+                    '"source": "finetuned", "run": "b"}\n',  # a failed record first
+     "gen.b.jsonl is a fine-tuned generations file (generate_data_finetuned.py), not a batch input"),
+    ("ref_a.jsonl", '{"id": "q0", "generated_text": "HH", "source": "finetuned", "run": "a", "model": "tiny/base", '
+                    '"finish_reason": "length"}\n',
+     "ref_a.jsonl is already reformatted (reformat_results.py output), not a batch input; compare it with: python "
+     "reformat_results.py --compare ref_a.jsonl OTHER.jsonl --batch_input BATCHINPUT.jsonl"),
+    ("table.jsonl", '{"id": "q0", "prompt": "hi", "a": "HH", "a.status": "ok", "b": "", "b.status": "failed"}\n',
+     "table.jsonl is a --compare table (reformat_results.py output), not a batch input; make one from the prompts "
+     "file with: python create_batchinput.py --input_file PROMPTS --model_name MODEL"),
 ])
 def test_run_on_a_file_that_is_not_a_batch_input_says_what_it_is(api, cli, name, content, message):
     Path(name).write_text(content)

@@ -178,12 +178,17 @@ def _bad(tmp_path, capsys, args):
 @pytest.mark.parametrize("args, message", [
     (["--compare", "nothing.jsonl"], "--compare nothing.jsonl: no such file"),
     (["--compare", "prompts.jsonl"], "prompts.jsonl:1: neither a raw result line (custom_id) nor a reformatted line"),
-    (["--compare", "one.jsonl", "one.jsonl"], "one.jsonl is in two runs"),
+    (["--compare", "one.jsonl", "one.jsonl"], "error: --compare: one.jsonl is given twice; give each run once"),
+    (["--compare", "one.jsonl", "./one.jsonl"],
+     "error: --compare: one.jsonl is given twice (one.jsonl and ./one.jsonl); give each run once"),
+    (["--compare", "=one.jsonl"], "error: --compare =one.jsonl: the NAME before '=' is empty; give NAME=PATH, or "
+                                  "PATH alone to name the run from its records"),
     (["--compare", "one.jsonl", "--failed_file", "f.jsonl"], "--failed_file is not used with --compare"),
     (["--input_file", "one.jsonl", "--long"], "--long shapes the --compare table"),
     (["--compare", "one.jsonl", "--output_file", "one.jsonl"], "is the same file as the input"),
     (["--compare", "one.csv"], "--compare one.csv: a CSV table has lost the types"),
-], ids=["missing", "not-results", "twice", "failed-file", "long-alone", "over-input", "csv"])
+], ids=["missing", "not-results", "twice", "twice-spelt-otherwise", "empty-name", "failed-file", "long-alone",
+        "over-input", "csv"])
 def test_bad_compare(tmp_path, capsys, args, message):
     write_jsonl("prompts.jsonl", [{"prompt": "X?"}])
     write_jsonl("one.jsonl", [ok_line("x", chat_body())])

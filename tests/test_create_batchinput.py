@@ -189,7 +189,7 @@ def test_dry_run_prints_counts_tokens_and_cost_and_writes_nothing(tmp_path, caps
     assert tokens == -(-(len("prompt number 0") + 16) // 4)
     assert f"total: 10 requests in 3 file(s), about {10 * tokens} input tokens" in out
     assert "output: at most 2,000 output tokens (the cap: --max_tokens 100 x n 2 per request)" in out
-    assert "estimated cost: $0.0000 input + at most $0.0012 output = at most $0.0012" in out
+    assert "estimated cost: $0.000012 input + at most $0.0012 output = at most $0.0012" in out
 
 
 def test_runs_as_a_script_with_usage_errors_exit_2(prompts_file):

@@ -3,7 +3,9 @@
 One vLLM engine serves the whole module (start-up takes about 35 s): a tiny Llama model
 with head size 64 (vLLM's CPU kernels refuse 16), two LoRA adapters and the base. Greedy
 answers must equal the Hugging Face engine's token for token, for every adapter alone and
-mixed in one batch (vLLM once applied an adapter to base rows sharing its batch).
+mixed in one stream (vLLM once applied an adapter to base rows sharing its batch).
+Sampling depends only on each request's seed: alone or among others, in any window,
+across a kill and a resume. A killed run keeps every record it finished.
 """
 
 import contextlib
@@ -18,9 +20,9 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from datagen import engine_hf, engine_vllm, generation, hf_model, inputs, tinymodel
+from datagen import engine_hf, engine_vllm, generation, hf_model, inputs, records, tinymodel
 from datagen import prompts as prompts_module
-from datagen.engine import GenParams
+from datagen.engine import GenParams, Job, RequestRejected, request_seed
 from datagen.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,6 +88,19 @@ def answer(sample) -> tuple:
     return (sample.token_ids or None, sample.text, sample.completion_tokens, sample.finish_reason)
 
 
+def answers(engine, prompts: list[list[int]], params: GenParams, adapters: list, seed: int = 0) -> list:
+    """Each prompt's samples from ``engine.stream`` (in any order there), in prompt order; each
+    request seeded as a run seeds it (``request_seed`` of its position as its id)."""
+    jobs = [Job(i, ids, params, adapter, request_seed(seed, f"r{i}"))
+            for i, (ids, adapter) in enumerate(zip(prompts, adapters))]
+    got: dict = {}
+    for job, result in engine.stream(iter(jobs)):
+        assert not isinstance(result, RequestRejected), result.message
+        assert job.item not in got
+        got[job.item] = result
+    return [got[i] for i in range(len(jobs))]
+
+
 def assert_same(vllm_samples, hf_samples):
     assert len(vllm_samples) == len(hf_samples)
     for row, (got, want) in enumerate(zip(vllm_samples, hf_samples)):
@@ -104,6 +119,8 @@ def test_attributes(vllm_engine, models):
     assert prov.adapter == str(models["a"]) and prov.adapter_sha256 and prov.model_sha256
     assert prov.engine["name"] == "vllm" and prov.engine["merged"] is False and prov.engine["dtype"] == "float32"
     assert {"vllm", "torch"} <= set(prov.engine)
+    assert prov.engine["decoding"] == "vllm-stream/request-seed" and prov.engine["device"] == "cpu"
+    assert prov.engine["tensor_parallel_size"] == 1 and prov.engine["batch_invariant"] is False
     assert vllm_engine.provenance(None).adapter is None
     # The same base model hashes alike under both engines; the engine part differs.
     hf = hf_model.load_model(str(models["base"]), dtype="float32").provenance(None)
@@ -116,14 +133,14 @@ def test_greedy_equals_hf(vllm_engine, hf_engine, adapter):
     prompts = prompt_ids(vllm_engine.tokenizer, 8)
     assert len({len(p) for p in prompts}) > 3  # mixed lengths: HF pads, vLLM does not
     rows = [adapter] * len(prompts)
-    assert_same(vllm_engine.generate(prompts, GREEDY, rows, seed=0), hf_engine.generate(prompts, GREEDY, rows, 0))
+    assert_same(answers(vllm_engine, prompts, GREEDY, rows), answers(hf_engine, prompts, GREEDY, rows))
 
 
-def test_mixed_batch_each_row_its_own_adapter(vllm_engine, hf_engine):
+def test_two_adapters_and_the_base_in_one_stream(vllm_engine, hf_engine):
     prompts = prompt_ids(vllm_engine.tokenizer, 4, seed=1)
     rows = [name for name in ("a", "b", None) for _ in prompts]
-    got = vllm_engine.generate(prompts * 3, GREEDY, rows, seed=0)
-    want = hf_engine.generate(prompts * 3, GREEDY, rows, 0)
+    got = answers(vllm_engine, prompts * 3, GREEDY, rows)
+    want = answers(hf_engine, prompts * 3, GREEDY, rows)
     assert_same(got, want)
     texts = [[s[0].text for s in got[k * 4:(k + 1) * 4]] for k in range(3)]
     assert texts[0] != texts[2] and texts[1] != texts[2] and texts[0] != texts[1]  # each adapter shows
@@ -135,29 +152,40 @@ def test_stop_strings_cut_like_hf(vllm_engine, hf_engine):
     import re
 
     prompts = prompt_ids(vllm_engine.tokenizer, 6, seed=6)
-    plain = hf_engine.generate(prompts, GREEDY, ["a"] * 6, 0)
+    plain = answers(hf_engine, prompts, GREEDY, ["a"] * 6)
     stop = next(m.group() for row in plain for m in re.finditer(r"[a-z]{3}", row[0].text[4:]))
     params = GenParams(max_new_tokens=24, stop=(stop,))
-    want = hf_engine.generate(prompts, params, ["a"] * 6, 0)
+    want = answers(hf_engine, prompts, params, ["a"] * 6)
     assert any(row[0].finish_reason == "stop" and row[0].completion_tokens < 24 for row in want)
-    got = vllm_engine.generate(prompts, params, ["a"] * 6, seed=0)
+    got = answers(vllm_engine, prompts, params, ["a"] * 6)
     assert [answer(row[0])[1:] for row in got] == [answer(row[0])[1:] for row in want]
 
 
-def test_sampling_is_reproducible_per_position(vllm_engine):
-    prompts = prompt_ids(vllm_engine.tokenizer, 3, seed=2)
-    params = GenParams(max_new_tokens=12, do_sample=True, temperature=1.0, top_p=1.0, num_return_sequences=2)
-    first = vllm_engine.generate(prompts, params, [None] * 3, seed=7)
-    again = vllm_engine.generate(prompts, params, [None] * 3, seed=7)
-    other = vllm_engine.generate(prompts, params, [None] * 3, seed=8)
-    assert [[s.token_ids for s in row] for row in first] == [[s.token_ids for s in row] for row in again]
-    assert [[s.token_ids for s in row] for row in first] != [[s.token_ids for s in row] for row in other]
-    assert all(len(row) == 2 and row[0].token_ids != row[1].token_ids for row in first)
+def test_sampling_depends_on_the_request_seed_only(vllm_engine):
+    """A request samples the same way alone (a window of one job) as among 23 others of mixed
+    lengths, adapters and the base (the default window), and its two samples differ."""
+    prompts = prompt_ids(vllm_engine.tokenizer, 24, seed=2)
+    params = GenParams(max_new_tokens=16, do_sample=True, temperature=1.0, top_p=0.95, num_return_sequences=2)
+    rows = ["a", None, "b"] * 8
+    together = answers(vllm_engine, prompts, params, rows, seed=7)
+    vllm_engine.window = 1
+    try:
+        alone = answers(vllm_engine, prompts[:6], params, rows[:6], seed=7)
+    finally:
+        vllm_engine.window = engine_vllm.WINDOW
+    other = answers(vllm_engine, prompts[:6], params, rows[:6], seed=8)
+
+    def tokens(rows):
+        return [[sample.token_ids for sample in row] for row in rows]
+
+    assert tokens(alone) == tokens(together[:6])
+    assert tokens(other) != tokens(alone)
+    assert all(len(row) == 2 and row[0].token_ids != row[1].token_ids for row in together)
 
 
 def test_logprobs_in_openai_shape(vllm_engine):
     prompt = prompt_ids(vllm_engine.tokenizer, 1, seed=3)
-    (sample,), = vllm_engine.generate(prompt, GenParams(max_new_tokens=6, logprobs=True, top_logprobs=3), [None], 0)
+    (sample,), = answers(vllm_engine, prompt, GenParams(max_new_tokens=6, logprobs=True, top_logprobs=3), [None])
     assert len(sample.logprobs) == sample.completion_tokens
     for position in sample.logprobs:
         assert set(position) == {"token", "logprob", "top_logprobs"} and position["logprob"] <= 0
@@ -173,24 +201,24 @@ def test_json_schema_output_parses_and_matches(vllm_engine):
               "required": ["answer", "colour"], "additionalProperties": False}
     prompts = prompt_ids(vllm_engine.tokenizer, 3, seed=4)
     params = GenParams(max_new_tokens=96, json_schema=json.dumps(schema, sort_keys=True, separators=(",", ":")))
-    for (sample,) in vllm_engine.generate(prompts, params, ["a", None, "b"], seed=0):
+    for (sample,) in answers(vllm_engine, prompts, params, ["a", None, "b"]):
         assert sample.finish_reason == "stop", sample.text
         jsonschema.validate(json.loads(sample.text), schema)
     # "{}" (response_format json_object): any object. A random model's free-text key may
     # outrun max_tokens, so only its start is certain.
-    (sample,), = vllm_engine.generate(prompts[:1], GenParams(max_new_tokens=16, json_schema="{}"), [None], 0)
+    (sample,), = answers(vllm_engine, prompts[:1], GenParams(max_new_tokens=16, json_schema="{}"), [None])
     assert sample.text.startswith("{")
     assert sample.finish_reason == "length" or isinstance(json.loads(sample.text), dict)
 
 
 def test_a_schema_vllm_refuses_is_a_failed_record_and_the_rest_are_done(vllm_engine, tmp_path):
-    """A request vLLM refuses (a JSON schema it cannot compile) does not end the run: its
-    batch is retried one by one, it becomes a failed record, the others are answered."""
+    """A request vLLM refuses (a JSON schema it cannot compile) does not end the run: it
+    becomes a failed record, the others are answered."""
     requests = requests_for(vllm_engine.tokenizer, 3)
     requests[1].params = {"json_schema": json.dumps({"type": "no-such-type"})}
     out = tmp_path / "gen.jsonl"
     stats = generation.run_generation(vllm_engine, requests, {None: out},
-                                      inputs.Overrides(temperature=0, max_new_tokens=6), 4, show_progress=False)
+                                      inputs.Overrides(temperature=0, max_new_tokens=6), show_progress=False)
     by_id = {r["custom_id"]: r for r in read(out)}
     assert list(by_id) == [r.custom_id for r in requests]
     assert stats.failed == {"invalid_request": 1}
@@ -220,7 +248,7 @@ def test_an_adapter_with_its_own_chat_template_on_both_engines(vllm_engine, hf_e
     for name, engine in (("vllm", vllm_engine), ("hf", hf_engine)):
         outputs = {"own": tmp_path / f"{name}.own.jsonl", "a": tmp_path / f"{name}.a.jsonl"}
         generation.run_generation(engine, conversations, outputs, inputs.Overrides(temperature=0, max_new_tokens=8),
-                                  4, show_progress=False)
+                                  show_progress=False)
         made[name] = {adapter: read(path) for adapter, path in outputs.items()}
     tokenizer = vllm_engine.tokenizer_for("own")
     assert tokenizer is not vllm_engine.tokenizer and tokenizer.chat_template == tinymodel.ADAPTER_CHAT_TEMPLATE
@@ -239,7 +267,7 @@ def test_run_generation_writes_every_id_once_per_output(vllm_engine, tmp_path):
     requests = requests_for(vllm_engine.tokenizer, 10)
     outputs = {"a": tmp_path / "gen.a.jsonl", "b": tmp_path / "gen.b.jsonl", None: tmp_path / "gen.base.jsonl"}
     stats = generation.run_generation(vllm_engine, requests, outputs,
-                                      inputs.Overrides(temperature=0, max_new_tokens=8), 4, show_progress=False)
+                                      inputs.Overrides(temperature=0, max_new_tokens=8), show_progress=False)
     assert stats.done == 30 and not stats.failed
     for adapter, path in outputs.items():
         lines = read(path)
@@ -259,13 +287,13 @@ def test_shards_partition_the_requests(vllm_engine, tmp_path):
     options = prompts_module.PromptOptions(id_field="id")
     overrides = inputs.Overrides(temperature=0, max_new_tokens=6)
     whole = tmp_path / "whole.jsonl"
-    generation.run_generation(vllm_engine, list(inputs.iter_shard(prompts, options)), {None: whole}, overrides, 4,
+    generation.run_generation(vllm_engine, list(inputs.iter_shard(prompts, options)), {None: whole}, overrides,
                               show_progress=False)
     shards = []
     for k in range(2):
         path = inputs.shard_path(tmp_path / "gen.jsonl", k, 2)
         generation.run_generation(vllm_engine, list(inputs.iter_shard(prompts, options, shard_index=k, num_shards=2)),
-                                  {None: path}, overrides, 4, show_progress=False)
+                                  {None: path}, overrides, show_progress=False)
         shards.append(read(path))
     assert [[r["custom_id"] for r in shard] for shard in shards] == [[f"p{i}" for i in range(k, 9, 2)] for k in range(2)]
     texts = {r["custom_id"]: r["generated_text"] for r in read(whole)}
@@ -279,34 +307,40 @@ def test_too_long_prompt_is_a_failed_record(vllm_engine, tmp_path):
                 inputs.Request("long", 1, "p:2", text=long_text, raw=True)]
     out = tmp_path / "gen.jsonl"
     stats = generation.run_generation(vllm_engine, requests, {None: out},
-                                      inputs.Overrides(temperature=0, max_new_tokens=8), 4, show_progress=False)
+                                      inputs.Overrides(temperature=0, max_new_tokens=8), show_progress=False)
     assert stats.failed == {"context_length_exceeded": 1}
     short, long = read(out)
     assert short["custom_id"] == "short" and "generated_text" in short
     assert long["error"]["code"] == "context_length_exceeded" and f"{CONTEXT} tokens" in long["error"]["message"]
 
 
-def test_resume_after_sigkill(vllm_engine, models, tmp_path):
-    """generate_data_finetuned.py --engine vllm, killed with SIGKILL while it appends
-    records, resumes when run again: the records already written are reused unchanged
-    (their fingerprints match across processes), the rest are made, each id once."""
-    texts = [r.text for r in requests_for(vllm_engine.tokenizer, 200)]
-    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts), encoding="utf-8")
+def test_records_stream_out_and_a_killed_run_resumes_with_the_same_samples(vllm_engine, models, tmp_path):
+    """generate_data_finetuned.py --engine vllm writes each record as its request finishes:
+    killed with SIGKILL once some are in the file (more requests than vLLM runs at once,
+    sampled, so they finish at different steps), it keeps every finished record; the rerun
+    (another --batch_size: no part of the fingerprint) reuses them unchanged and makes the
+    rest, each id once. Every sampled text equals an uninterrupted run's, made in this
+    process by an engine with other adapters beside it: a request's samples depend on its
+    seed alone."""
+    count = 400
+    texts = [r.text for r in requests_for(vllm_engine.tokenizer, count)]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts), encoding="utf-8")
     out = tmp_path / "gen.jsonl"
     command = [sys.executable, str(ROOT / "generate_data_finetuned.py"), "--engine", "vllm",
                "--input_file", "prompts.jsonl", "--output_file", "gen.jsonl",
                "--model_name_or_path", str(models["base"]), "--adapter_path", f"a={models['a']}",
-               "--temperature", "0", "--max_new_tokens", "32", "--batch_size", "1", "--max_batch_tokens", "0"]
+               "--temperature", "1", "--seed", "3", "--max_new_tokens", "48", "--batch_size", "1"]
     env = {**os.environ, **cpu_settings(), "VLLM_LOGGING_LEVEL": "WARNING"}
     with open(tmp_path.parent / f"{tmp_path.name}.killed.log", "wb") as log:
         # Its own session: vLLM's engine and worker processes go down with it.
         proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=log, start_new_session=True)
         try:
-            deadline = time.monotonic() + 180
-            while not (out.exists() and out.read_bytes().count(b"\n") >= 3):
+            deadline = time.monotonic() + 300
+            while not (out.exists() and out.read_bytes().count(b"\n") >= 5):
                 assert proc.poll() is None, "the run ended before it was killed"
-                assert time.monotonic() < deadline, "no records within 180 s"
-                time.sleep(0.2)
+                assert time.monotonic() < deadline, "no records within 300 s"
+                time.sleep(0.1)
             os.kill(proc.pid, signal.SIGKILL)
         finally:
             with contextlib.suppress(ProcessLookupError):
@@ -314,18 +348,45 @@ def test_resume_after_sigkill(vllm_engine, models, tmp_path):
             proc.wait(timeout=60)
     written = out.read_text(encoding="utf-8")
     before = [json.loads(line) for line in written[:written.rfind("\n") + 1].splitlines()]  # a torn tail is redone
-    assert 3 <= len(before) < len(texts)
-    # Batch size is no part of a record's fingerprint: the rerun takes bigger batches.
+    assert 5 <= len(before) < count
     command[command.index("--batch_size") + 1] = "16"
     rerun = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert f"{len(before)} already there, {len(texts)} of {len(texts)} done" in rerun.stdout
+    assert f"{len(before)} already there, {count} of {count} done" in rerun.stdout
     after = read(out)
-    assert [r["custom_id"] for r in after] == [f"request-{i}" for i in range(len(texts))]
+    assert [r["custom_id"] for r in after] == [f"request-{i}" for i in range(count)]
     by_id = {r["custom_id"]: r for r in after}
     assert all(by_id[r["custom_id"]] == r for r in before)  # reused unchanged
     assert all(r["engine"]["name"] == "vllm" and "error" not in r for r in after)
     assert sorted(os.listdir(tmp_path)) == ["gen.jsonl", "prompts.jsonl"]
+    whole = tmp_path.parent / f"{tmp_path.name}.whole.jsonl"
+    requests = list(inputs.iter_shard(prompts, prompts_module.PromptOptions()))
+    generation.run_generation(vllm_engine, requests, {"a": whole},
+                              inputs.Overrides(temperature=1, seed=3, max_new_tokens=48), show_progress=False)
+    uninterrupted = read(whole)
+    assert len({r["generated_text"] for r in uninterrupted}) > count // 2  # sampled: answers differ
+    assert [(r["generated_text"], r["fingerprint"]) for r in uninterrupted] == \
+        [(r["generated_text"], r["fingerprint"]) for r in after]
+
+
+def test_records_from_before_the_stream_are_refused_on_resume(vllm_engine, tmp_path):
+    """Records whose fingerprint's engine part does not say how the engine decodes and
+    seeds (made before this engine streamed) are not mixed with new ones."""
+    requests = requests_for(vllm_engine.tokenizer, 3)
+    out = tmp_path / "gen.jsonl"
+    overrides = inputs.Overrides(temperature=0, max_new_tokens=4)
+    generation.run_generation(vllm_engine, requests, {None: out}, overrides, show_progress=False)
+    old = []
+    for record in read(out):
+        engine = {k: record["engine"][k] for k in ("name", "dtype", "merged")}  # no "decoding": the old key
+        record["fingerprint"]["engine"] = records.digest(engine)
+        old.append(record)
+    out.write_text("".join(json.dumps(r) + "\n" for r in old), encoding="utf-8")
+    with pytest.raises(UserError, match=r"3 of the 3 records already there for this input were made differently: "
+                                        r"the engine \(its dtype, merge setting, or how it decodes and seeds\) "
+                                        r"differs \(3\).*--regenerate_mismatched"):
+        generation.run_generation(vllm_engine, requests, {None: out}, overrides, show_progress=False)
+    assert read(out) == old  # nothing touched
 
 
 def test_unsupported_head_size_is_one_line(tmp_path):

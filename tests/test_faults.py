@@ -260,7 +260,7 @@ def test_sqlite_database_full_in_tmpdir_names_the_folder_and_removes_it(tmp_path
         with pytest.raises(UserError) as caught:
             with ResultStore(str(small)) as store:
                 # empty records: only SQLite's pages grow, until "database or disk is full"
-                store.add_results((f"request-{i}", True, b"") for i in range(300_000))
+                store.add_results((f"request-{i}", True, b"", 0, None, None) for i in range(300_000))
         assert str(caught.value).startswith(f"temporary folder (TMPDIR) {small}: no space left on device (")
         assert "database or disk is full" in str(caught.value.__context__)
         assert files_in(small) == ["filler"]

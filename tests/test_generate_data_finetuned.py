@@ -24,7 +24,8 @@ from datagen.errors import UserError
 from tests.util import ROOT, read_jsonl, write_jsonl
 
 RECORD_KEYS = {"custom_id", "generated_text", "finish_reason", "prompt_tokens", "completion_tokens", "source", "run",
-               "model", "model_sha256", "adapter", "adapter_sha256", "engine", "generation", "fingerprint", "created"}
+               "model", "model_sha256", "adapter", "adapter_sha256", "engine", "generation", "fingerprint", "created",
+               "request_sha256"}
 WORDS = ("the capital of france is paris and what is seven plus five write a haiku about autumn "
          "leaves river mountain blue sky question answer model data").split()
 
@@ -67,6 +68,11 @@ def texts(path) -> dict:
     return {r["custom_id"]: r["generated_text"] for r in read_jsonl(path)}
 
 
+def hf(loaded, batch_size=4, max_batch_tokens=0, **kwargs):
+    """The Hugging Face engine; plain batches of ``batch_size`` unless a token budget is given."""
+    return engine_hf.HFEngine(loaded, batch_size=batch_size, max_batch_tokens=max_batch_tokens, **kwargs)
+
+
 def run_main(capsys, *args):
     code = generate_data_finetuned.main([str(a) for a in args])
     captured = capsys.readouterr()
@@ -85,23 +91,21 @@ def error_line(err: str) -> str:
 
 
 def test_batched_equals_one_at_a_time_greedy(merged, tmp_path):
-    generator = engine_hf.HFEngine(merged)
+    batched, single = hf(merged, 5), hf(merged, 1)
     overrides = inputs.Overrides(temperature=0, max_new_tokens=12)
-    batched = generation.run_generation(generator, requests_for(), tmp_path / "b.jsonl", overrides, 5,
-                                        show_progress=False)
-    single = generation.run_generation(generator, requests_for(), tmp_path / "s.jsonl", overrides, 1,
-                                       show_progress=False)
-    assert batched.pad_tokens > 0  # batches really were padded (left, with the pad fallback)
+    generation.run_generation(batched, requests_for(), tmp_path / "b.jsonl", overrides, show_progress=False)
+    generation.run_generation(single, requests_for(), tmp_path / "s.jsonl", overrides, show_progress=False)
+    assert batched.pad_tokens > 0 and batched.batches == 3  # batches really were padded (left, with the pad fallback)
     assert merged.tokenizer.pad_token == "<unk>" and merged.tokenizer.padding_side == "left"
     assert texts(tmp_path / "b.jsonl") == texts(tmp_path / "s.jsonl")
     assert len(set(texts(tmp_path / "b.jsonl").values())) > 1  # not one fixed output for all
-    assert single.pad_tokens == 0
+    assert single.pad_tokens == 0 and single.batches == 12
 
 
 def test_sorted_batches_restore_input_order_and_record_shape(merged, tmp_path):
     out = tmp_path / "o.jsonl"
-    generation.run_generation(engine_hf.HFEngine(merged), requests_for(), out,
-                              inputs.Overrides(temperature=0, max_new_tokens=6), 4, show_progress=False)
+    generation.run_generation(hf(merged), requests_for(), out, inputs.Overrides(temperature=0, max_new_tokens=6),
+                              show_progress=False)
     records = read_jsonl(out)
     assert [r["custom_id"] for r in records] == [f"p{i}" for i in range(12)]
     for r in records:
@@ -110,6 +114,7 @@ def test_sorted_batches_restore_input_order_and_record_shape(merged, tmp_path):
         assert r["generation"] == {"max_new_tokens": 6, "do_sample": False, "temperature": None, "top_p": None,
                                    "seed": 0, "num_return_sequences": 1, "stop": []}
         assert r["engine"]["name"] == "hf" and r["engine"]["dtype"] == "float32" and r["engine"]["merged"] is True
+        assert r["engine"]["decoding"] == "hf-generate/batch-seed"  # model.generate, one random stream per batch
         assert 1 <= r["completion_tokens"] <= 6
     # Plain text (raw) prompts get exactly one BOS from the tokenizer.
     assert records[0]["prompt_tokens"] == len(merged.tokenizer(prompt_text(0))["input_ids"])
@@ -122,8 +127,7 @@ def test_adapter_changes_output_and_merged_equals_unmerged(tiny, merged, tmp_pat
     outs = {}
     for name, loaded in (("base", base), ("merged", merged), ("unmerged", unmerged)):
         outs[name] = tmp_path / f"{name}.jsonl"
-        generation.run_generation(engine_hf.HFEngine(loaded), requests_for(), outs[name], overrides, 4,
-                                  show_progress=False)
+        generation.run_generation(hf(loaded), requests_for(), outs[name], overrides, show_progress=False)
     assert texts(outs["merged"]) == texts(outs["unmerged"])
     differ = [k for k, v in texts(outs["base"]).items() if v != texts(outs["merged"])[k]]
     assert len(differ) >= 10  # the adapter changes (nearly) every answer
@@ -154,16 +158,16 @@ def test_chat_template_has_one_bos(merged):
 
 
 def test_stop_string_is_cut(merged, tmp_path):
-    generator = engine_hf.HFEngine(merged)
+    generator = hf(merged)
     plain = tmp_path / "plain.jsonl"
-    generation.run_generation(generator, requests_for(4), plain, inputs.Overrides(temperature=0, max_new_tokens=16), 4,
+    generation.run_generation(generator, requests_for(4), plain, inputs.Overrides(temperature=0, max_new_tokens=16),
                               show_progress=False)
     record = read_jsonl(plain)[0]
     text = record["generated_text"]
     stop = next(text[i:i + 2] for i in range(3, len(text) - 2) if text.find(text[i:i + 2]) == i)
     cut = tmp_path / "cut.jsonl"
     generation.run_generation(generator, requests_for(4), cut, inputs.Overrides(temperature=0, max_new_tokens=16, stop=[stop]),
-                              4, show_progress=False)
+                              show_progress=False)
     got = read_jsonl(cut)[0]
     assert got["generated_text"] == text[:text.find(stop)]
     assert got["finish_reason"] == "stop" and got["completion_tokens"] < record["completion_tokens"]
@@ -171,10 +175,10 @@ def test_stop_string_is_cut(merged, tmp_path):
 
 
 def test_n_samples_reproducible_with_seed(merged, tmp_path):
-    generator = engine_hf.HFEngine(merged)
+    generator = hf(merged, 3)
     overrides = inputs.Overrides(max_new_tokens=8, do_sample=True, temperature=1.5, num_return_sequences=3, seed=7)
     for name in ("a.jsonl", "b.jsonl"):
-        generation.run_generation(generator, requests_for(3), tmp_path / name, overrides, 3, show_progress=False)
+        generation.run_generation(generator, requests_for(3), tmp_path / name, overrides, show_progress=False)
     a, b = read_jsonl(tmp_path / "a.jsonl"), read_jsonl(tmp_path / "b.jsonl")
     assert [r["samples"] for r in a] == [r["samples"] for r in b]
     for record in a:
@@ -191,8 +195,8 @@ def test_out_of_memory_halves_the_batch(merged, tmp_path, monkeypatch):
     real_forward = model.forward
     sizes = []
 
-    # A GPU that fits at most 2 prompts. The forward pass fails, as a real OOM does, both
-    # under model.generate and under the engine's own greedy loop.
+    # A GPU that fits at most 2 prompts: the model's forward pass fails inside model.generate,
+    # as a real CUDA OOM does (a CPU cannot raise one; its allocator fails differently).
     def forward_with_little_memory(*args, **kwargs):
         if kwargs["input_ids"].shape[1] > 1:  # a prefill: a new batch
             sizes.append(kwargs["input_ids"].shape[0])
@@ -201,13 +205,14 @@ def test_out_of_memory_halves_the_batch(merged, tmp_path, monkeypatch):
         return real_forward(*args, **kwargs)
 
     monkeypatch.setattr(model, "forward", forward_with_little_memory)
-    generator = engine_hf.HFEngine(merged)
+    generator = hf(merged, 8)
     stats = generation.run_generation(generator, requests_for(), tmp_path / "oom.jsonl",
-                                      inputs.Overrides(temperature=0, max_new_tokens=6), 8, show_progress=False)
+                                      inputs.Overrides(temperature=0, max_new_tokens=6), show_progress=False)
     monkeypatch.undo()
-    generation.run_generation(generator, requests_for(), tmp_path / "ok.jsonl",
-                              inputs.Overrides(temperature=0, max_new_tokens=6), 8, show_progress=False)
-    assert stats.batch_size == 2 and sizes[:3] == [8, 4, 2]
+    generation.run_generation(hf(merged, 8), requests_for(), tmp_path / "ok.jsonl",
+                              inputs.Overrides(temperature=0, max_new_tokens=6), show_progress=False)
+    # Halved for the rest of the run: 8 and 4 fail, then all 12 go in batches of 2.
+    assert stats.done == 12 and generator.batch_size == 2 and sizes == [8, 4] + [2] * 6
     assert texts(tmp_path / "oom.jsonl") == texts(tmp_path / "ok.jsonl")
 
 
@@ -229,14 +234,13 @@ def test_out_of_memory_halves_a_token_budget_too(merged, tmp_path, monkeypatch):
         return real_forward(*args, **kwargs)
 
     monkeypatch.setattr(model, "forward", forward_with_little_memory)
-    generator = engine_hf.HFEngine(merged)
+    generator = hf(merged, 4, None)
     stats = generation.run_generation(generator, requests_for(), tmp_path / "oom.jsonl",
-                                      inputs.Overrides(temperature=0, max_new_tokens=6), 4, show_progress=False,
-                                      max_batch_tokens=None)
+                                      inputs.Overrides(temperature=0, max_new_tokens=6), show_progress=False)
     monkeypatch.undo()
-    generation.run_generation(generator, requests_for(), tmp_path / "ok.jsonl",
-                              inputs.Overrides(temperature=0, max_new_tokens=6), 1, show_progress=False)
-    assert stats.done == 12 and stats.batch_size <= 2
+    generation.run_generation(hf(merged, 1), requests_for(), tmp_path / "ok.jsonl",
+                              inputs.Overrides(temperature=0, max_new_tokens=6), show_progress=False)
+    assert stats.done == 12 and generator.batch_size <= 2  # auto budget: batch_size rows of the longest, halved too
     assert max(sizes) > 4  # the budget really put more than --batch_size short prompts in a batch
     assert texts(tmp_path / "oom.jsonl") == texts(tmp_path / "ok.jsonl")
 
@@ -247,171 +251,137 @@ def test_token_budget_batches(merged):
     for r in requests:
         r.input_ids = generation.Renderer(merged.tokenizer).encode(r)
     lengths = sorted((len(r.input_ids) for r in requests), reverse=True)
-    plain = generation.plan_batches(requests, 4, 8, 0)
+    plain = engine_hf.plan_batches(requests, 4, 8, 0)
     assert [len(b) for b in plain] == [4] * 10
-    auto = generation.plan_batches(requests, 4, 8, None)
+    auto = engine_hf.plan_batches(requests, 4, 8, None)
     budget = 4 * (lengths[0] + 8)
     assert len(auto[0]) == 4 and len(auto) < len(plain) and max(map(len, auto)) > 4
     for batch in auto:
         assert len(batch) * (max(len(r.input_ids) for r in batch) + 8) <= budget
-        assert len(batch) <= generation.BUDGET_ROWS_FACTOR * 4
+        assert len(batch) <= engine_hf.BUDGET_ROWS_FACTOR * 4
     flat = [r for b in auto for r in b]
     assert sorted(r.index for r in flat) == list(range(40))  # every prompt exactly once
     assert [len(r.input_ids) for r in flat] == lengths  # still sorted longest first
-    explicit = generation.plan_batches(requests, 4, 8, 10 ** 9)
+    explicit = engine_hf.plan_batches(requests, 4, 8, 10 ** 9)
     assert [len(b) for b in explicit] == [32, 8]  # capped at BUDGET_ROWS_FACTOR x batch_size
-    tiny_budget = generation.plan_batches(requests, 4, 8, 1)
+    tiny_budget = engine_hf.plan_batches(requests, 4, 8, 1)
     assert [len(b) for b in tiny_budget] == [1] * 40  # a prompt over the budget still runs, alone
 
 
 def test_token_budget_keeps_greedy_output_and_input_order(merged, tmp_path):
-    generator = engine_hf.HFEngine(merged)
     overrides = inputs.Overrides(temperature=0, max_new_tokens=10)
     for name, budget in (("auto", None), ("explicit", 600)):
-        stats = generation.run_generation(generator, requests_for(30), tmp_path / f"{name}.jsonl", overrides, 3,
-                                          show_progress=False, max_batch_tokens=budget)
+        stats = generation.run_generation(hf(merged, 3, budget), requests_for(30), tmp_path / f"{name}.jsonl",
+                                          overrides, show_progress=False)
         assert stats.done == 30
-    generation.run_generation(generator, requests_for(30), tmp_path / "one.jsonl", overrides, 1,
+    generation.run_generation(hf(merged, 1), requests_for(30), tmp_path / "one.jsonl", overrides,
                               show_progress=False)
     for name in ("auto", "explicit"):
         assert [r["custom_id"] for r in read_jsonl(tmp_path / f"{name}.jsonl")] == [f"p{i}" for i in range(30)]
         assert texts(tmp_path / f"{name}.jsonl") == texts(tmp_path / "one.jsonl")
 
 
-def _loop_equals_generate(loaded, mask_kind):
-    """The engine's own greedy loop gives model.generate's tokens, also when rows end early
-    (an EOS mid-batch: the row leaves the batch, the others go on unchanged)."""
+def _jobs(renderer, requests, params, adapter="adapter"):
+    """Jobs as the run makes them (default: for the merged fixture's one adapter)."""
+    return [engine.Job(r.custom_id, renderer.encode(r), params, adapter, engine.request_seed(params.seed, r.custom_id))
+            for r in requests]
+
+
+def _prefills(model, monkeypatch) -> list:
+    """(rows, width) of every prefill the model runs: the batches model.generate really got."""
+    real_forward = model.forward
+    shapes = []
+
+    def forward(*args, **kwargs):
+        if kwargs["input_ids"].shape[1] > 1:
+            shapes.append(tuple(kwargs["input_ids"].shape))
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", forward)
+    return shapes
+
+
+def test_stream_batches_each_group_by_the_token_budget(merged, monkeypatch):
+    """stream() groups a window's jobs by parameters, sorts each group by length and cuts it
+    by the token budget: exactly those batches reach model.generate; every job comes back once."""
+    renderer = generation.Renderer(merged.tokenizer)
+    short, longer = engine.GenParams(max_new_tokens=4), engine.GenParams(max_new_tokens=8)
+    requests = requests_for(40)
+    jobs = [job for i, r in enumerate(requests) for job in _jobs(renderer, [r], short if i % 3 else longer)]
+    shapes = _prefills(merged.model, monkeypatch)
+    answered = list(hf(merged, 4, None).stream(iter(jobs)))
+    monkeypatch.undo()
+    planned = [batch for params in (longer, short)  # groups in order of first appearance (job 0 is "longer")
+               for batch in engine_hf.plan_batches([j for j in jobs if j.params == params], 4, params.max_new_tokens, None)]
+    assert shapes == [(len(b), max(len(j.input_ids) for j in b)) for b in planned]
+    assert max(rows for rows, _ in shapes) > 4  # short prompts filled bigger batches within the budget
+    assert sorted(job.item for job, _ in answered) == sorted(r.custom_id for r in requests)
+    assert all(len(samples[0].token_ids) <= job.params.max_new_tokens for job, samples in answered)
+
+
+def test_rows_ending_mid_batch_are_cut_at_their_own_eos(merged):
+    """model.generate pads a row that ended while its batch goes on: each answer stops at its
+    own EOS, the same as unbatched."""
+    generator = hf(merged)
+    batch = [generation.Renderer(merged.tokenizer).encode(r) for r in requests_for(8)]
+    params = engine.GenParams(max_new_tokens=12)
+    counts: dict = {}
+    for samples in generator.generate_batch(batch, params):
+        for token in set(samples[0].token_ids[1:-1]):
+            counts[token] = counts.get(token, 0) + 1
+    eos = max(counts, key=lambda t: (0 < counts[t] < len(batch), counts[t]))  # some rows produce it mid-way
+    generator.eos_ids = generator.eos_ids | {eos}
+    batched = generator.generate_batch(batch, params)
+    assert batched == [generator.generate_batch([ids], params)[0] for ids in batch]
+    finish = [samples[0].finish_reason for samples in batched]
+    assert "stop" in finish and "length" in finish  # some rows ended early, some ran to the end
+    for samples in batched:
+        if samples[0].finish_reason == "stop":
+            assert samples[0].token_ids[-1] == eos and samples[0].completion_tokens == len(samples[0].token_ids)
+
+
+def test_the_models_generation_config_is_honoured(tiny, tmp_path):
+    """Decoding is model.generate's: a generation config that adds a logits processor (here a
+    repetition penalty) applies, as it would in the user's own generate call."""
     import torch
 
-    generator = engine_hf.HFEngine(loaded)
-    assert generator.fast_greedy is not None and generator.fast_greedy.decode_mask == mask_kind
-    batch = [generation.Renderer(loaded.tokenizer).encode(r) for r in requests_for(8)]
-    assert len(set(map(len, batch))) > 1  # padded rows: the decode masks matter
-    params = engine.GenParams(max_new_tokens=12)
-    slow = engine_hf.HFEngine(loaded)
-    slow.fast_greedy = None  # model.generate
-    reference = slow.generate_batch(batch, params)
-    assert generator.generate_batch(batch, params) == reference
-    # Make a token that some rows produce mid-way an EOS: those rows stop there.
-    width = max(map(len, batch))
-    input_ids = torch.tensor([[generator.pad_id] * (width - len(ids)) + ids for ids in batch])
-    attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
-    token_lists = generator._greedy(input_ids, attention, 12)
-    counts = {}
-    for tokens in token_lists:
-        for t in set(tokens[1:-1]):
-            counts[t] = counts.get(t, 0) + 1
-    eos = max(counts, key=lambda t: (0 < counts[t] < len(batch), counts[t]))
-    for g in (generator, slow):
-        g.eos_ids = set(g.eos_ids) | {eos}
-    fast_out, slow_out = generator.generate_batch(batch, params), slow.generate_batch(batch, params)
-    assert fast_out == slow_out
-    finish = [s[0].finish_reason for s in fast_out]
-    assert "stop" in finish and "length" in finish  # some rows ended early, some ran to the end
-
-
-def test_fast_greedy_loop_equals_generate_and_drops_finished_rows(merged):
-    _loop_equals_generate(merged, "bool")
-
-
-@pytest.mark.parametrize("arch,attention,mask_kind", [
-    ("llama", "eager", "float"), ("qwen2", "sdpa", "bool"), ("qwen2", "eager", "float"),
-    ("gpt2", "sdpa", "bool"), ("gpt2", "eager", "float")])
-def test_fast_greedy_loop_across_models_and_attention_kernels(tiny, arch, attention, mask_kind):
-    """The loop builds the decode masks itself for sdpa (boolean) and eager (float) attention;
-    on every tiny architecture, unmerged adapters included, the tokens are generate's."""
-    base = tiny["base"] if arch == "llama" else tinymodel.build_tiny_model(tiny["root"] / f"{arch}-{attention}", arch=arch)
-    adapter = tiny["adapter"] if arch == "llama" else tinymodel.build_tiny_adapter(
-        base, tiny["root"] / f"{arch}-{attention}-adapter", seed=1)
-    for merge in (True, False):
-        loaded = hf_model.load_model(str(base), str(adapter), merge=merge)
-        loaded.model.set_attn_implementation(attention)
-        _loop_equals_generate(loaded, mask_kind)
-
-
-def test_decode_masks_only_where_transformers_builds_the_padding_mask():
-    """Sliding-window layers, chunked attention and other kernels keep transformers' own masks."""
-    import transformers
-
-    def kind(config, attention="sdpa"):
-        model = transformers.AutoModelForCausalLM.from_config(config)
-        model.config._attn_implementation = attention  # as loading with that kernel records it
-        return engine_hf._decode_mask_kind(model)
-
-    small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                 num_key_value_heads=2, vocab_size=64)
-    assert kind(transformers.LlamaConfig(**small)) == "bool"
-    assert kind(transformers.LlamaConfig(**small), "eager") == "float"
-    assert kind(transformers.Qwen2Config(**small)) == "bool"  # sliding window off: full attention
-    assert kind(transformers.Qwen2Config(**small, use_sliding_window=True, sliding_window=8, max_window_layers=0)) is None
-    assert kind(transformers.MistralConfig(**small, sliding_window=8)) is None
-    assert kind(transformers.MistralConfig(**small, sliding_window=None)) == "bool"
-    assert kind(transformers.LlamaConfig(**small), "flash_attention_2") is None
-
-
-def test_compile_gives_the_same_greedy_text(tiny, capsys, caplog, monkeypatch, tmp_path):
-    """--compile runs the prefill and decode steps through torch.compile (inductor: real C++ kernels on CPU)."""
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    write_prompts(count=6)  # two batches of different widths
-    base = ["--model_name_or_path", tiny["base"], "--adapter_path", tiny["adapter"], "--input_file", "prompts.jsonl",
-            "--max_new_tokens", "10", "--batch_size", "3", "--max_batch_tokens", "0", "--temperature", "0"]
-    assert run_main(capsys, *base, "--output_file", "eager.jsonl")[0] == 0
-    with caplog.at_level("INFO", logger="datagen"):
-        code, _, err = run_main(capsys, *base, "--output_file", "compiled.jsonl", "--compile")
-    assert code == 0, err
-    assert "the first compiled prefill took" in caplog.text and "the first compiled decode step took" in caplog.text
-    assert "torch.compile failed" not in caplog.text
-    assert texts("compiled.jsonl") == texts("eager.jsonl") and len(texts("eager.jsonl")) == 6
-
-
-def test_compile_failure_falls_back_without_losing_the_run(tiny, tmp_path):
-    """No working C++ compiler (as on some cluster nodes): a warning, then the same text, uncompiled."""
-    write_prompts(count=3)
-    args = [sys.executable, str(ROOT / "generate_data_finetuned.py"), "--model_name_or_path", str(tiny["base"]),
-            "--input_file", "prompts.jsonl", "--max_new_tokens", "4", "--batch_size", "4", "--temperature", "0"]
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
-    plain = subprocess.run(args + ["--output_file", "plain.jsonl"], capture_output=True, text=True, env=env)
-    assert plain.returncode == 0, plain.stderr
-    broken = subprocess.run(args + ["--output_file", "compiled.jsonl", "--compile"], capture_output=True, text=True,
-                            env={**env, "CXX": "/bin/false"})
-    assert broken.returncode == 0, broken.stderr
-    assert "--compile: torch.compile failed" in broken.stderr
-    assert texts("compiled.jsonl") == texts("plain.jsonl") and len(texts("plain.jsonl")) == 3
-
-
-def test_compile_refused_where_it_cannot_apply(tiny, capsys, caplog):
-    import json as _json
-
-    write_prompts(count=2)
-    common = ["--input_file", "prompts.jsonl", "--output_file", "out.jsonl", "--compile", "--max_new_tokens", "3"]
-    code, _, err = run_main(capsys, "--model_name_or_path", tiny["base"], *common, "--use_generate")
-    assert code == 1 and "--use_generate turns off: drop one of the two" in err and len(err.strip().splitlines()) == 1
-    # A model whose generation config adds a logits processor never uses the loop.
-    penalised = tinymodel.build_tiny_model(tiny["root"] / "penalised", seed=0)
+    penalised = tinymodel.build_tiny_model(tmp_path / "penalised", seed=0)
     config_file = Path(penalised) / "generation_config.json"
-    config_file.write_text(_json.dumps({**_json.loads(config_file.read_text()), "repetition_penalty": 1.3}))
-    code, _, err = run_main(capsys, "--model_name_or_path", penalised, *common)
-    assert code == 1 and "cannot use (its generation config adds a logits processor" in err
-    assert not Path("out.jsonl").exists()
-    # Sampling goes through model.generate: said once, and the run goes on.
-    with caplog.at_level("WARNING", logger="datagen"):
-        code, _, err = run_main(capsys, "--model_name_or_path", tiny["base"], *common, "--do_sample")
-    assert code == 0, err
-    assert caplog.text.count("--compile speeds up greedy decoding only: requests that sample") == 1
-    assert len(texts("out.jsonl")) == 2
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "repetition_penalty": 1.3}))
+    overrides = inputs.Overrides(temperature=0, max_new_tokens=12)
+    loaded = hf_model.load_model(str(penalised))
+    generation.run_generation(hf(loaded), requests_for(4), tmp_path / "p.jsonl", overrides, show_progress=False)
+    generation.run_generation(hf(hf_model.load_model(str(tiny["base"]))), requests_for(4), tmp_path / "b.jsonl",
+                              overrides, show_progress=False)
+    assert texts(tmp_path / "p.jsonl") != texts(tmp_path / "b.jsonl")  # the same weights, penalised
+    tok = loaded.tokenizer
+    for request in requests_for(4):
+        ids = tok(request.text, return_tensors="pt")
+        with torch.inference_mode():
+            out = loaded.model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+        expected = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert texts(tmp_path / "p.jsonl")[request.custom_id] == expected
 
 
-def test_fast_greedy_only_where_generate_adds_nothing(merged):
-    import copy
+def test_sampled_text_depends_only_on_the_batch_composition(merged):
+    """One random stream per batch, seeded from its jobs' seeds: the same batch samples the
+    same way whatever ran before it and in whatever order its jobs came; another batch
+    composition samples differently (the Hugging Face engine's documented limit)."""
+    renderer = generation.Renderer(merged.tokenizer)
+    params = engine.GenParams(max_new_tokens=8, do_sample=True, temperature=1.5, top_p=1.0, seed=7,
+                              num_return_sequences=2)
+    requests = requests_for(3)  # prompts of different lengths: one batch order whatever the input order
 
-    generator = engine_hf.HFEngine(merged)
-    assert generator.fast_greedy is not None
-    config = copy.deepcopy(merged.model.generation_config)
-    try:
-        merged.model.generation_config.repetition_penalty = 1.3  # generate would add a processor
-        assert engine_hf.HFEngine(merged).fast_greedy is None
-    finally:
-        merged.model.generation_config = config
+    def answers(generator, jobs):
+        return {job.item: [s.text for s in samples] for job, samples in generator.stream(iter(jobs))}
+
+    first = answers(hf(merged, 3), _jobs(renderer, requests, params))
+    other = engine.GenParams(max_new_tokens=5, do_sample=True, temperature=1.0, top_p=1.0, seed=1)
+    again = answers(hf(merged, 3), _jobs(renderer, requests_for(7)[5:], other) + _jobs(renderer, requests[::-1], params))
+    assert {custom_id: again[custom_id] for custom_id in first} == first
+    assert len({text for samples in first.values() for text in samples}) > 3  # it really samples
+    alone = answers(hf(merged, 1), _jobs(renderer, requests, params))
+    assert alone != first
 
 
 def test_cli_max_batch_tokens(tiny, capsys):
@@ -674,12 +644,13 @@ def test_bad_usage_exits_2(capsys):
 
 def test_streamed_input_in_windows(merged, tmp_path, monkeypatch):
     """A stream read a few requests at a time gives the same records, in input order."""
-    monkeypatch.setattr(generation, "SORT_WINDOW", 5)
     ids = [f"p{i}" for i in range(12)]
-    stats = generation.run_generation(engine_hf.HFEngine(merged), iter(requests_for()), tmp_path / "w.jsonl",
-                                      inputs.Overrides(temperature=0, max_new_tokens=6), 4, ids=ids, show_progress=False)
-    generation.run_generation(engine_hf.HFEngine(merged), requests_for(), tmp_path / "all.jsonl",
-                              inputs.Overrides(temperature=0, max_new_tokens=6), 4, show_progress=False)
+    windowed = hf(merged, window=5)  # the engine sorts 5 jobs at a time
+    stats = generation.run_generation(windowed, iter(requests_for()), tmp_path / "w.jsonl",
+                                      inputs.Overrides(temperature=0, max_new_tokens=6), ids=ids, show_progress=False)
+    generation.run_generation(hf(merged), requests_for(), tmp_path / "all.jsonl",
+                              inputs.Overrides(temperature=0, max_new_tokens=6), show_progress=False)
+    assert windowed.batches == 5  # windows of 5 + 5 + 2 jobs, in batches of up to 4
     assert stats.done == 12 and [r["custom_id"] for r in read_jsonl(tmp_path / "w.jsonl")] == ids
     assert texts(tmp_path / "w.jsonl") == texts(tmp_path / "all.jsonl")
 
@@ -731,21 +702,6 @@ def test_refused_run_leaves_the_lock_of_the_running_one():
     with records.exclusive(out):  # free again once released
         pass
     assert not Path(".gen.jsonl.lock").exists()
-
-
-def test_use_generate_bypasses_the_loop_with_the_same_greedy_text(tiny, capsys, monkeypatch):
-    write_prompts(count=6)
-    base = ["--model_name_or_path", tiny["base"], "--adapter_path", tiny["adapter"],
-            "--input_file", "prompts.jsonl", "--max_new_tokens", "8", "--batch_size", "4"]
-    assert run_main(capsys, *base, "--output_file", "loop.jsonl")[0] == 0
-
-    def no_loop(*args, **kwargs):
-        raise AssertionError("--use_generate must not use the engine's greedy loop")
-
-    monkeypatch.setattr(engine_hf.HFEngine, "_greedy", no_loop)
-    assert run_main(capsys, *base, "--output_file", "generate.jsonl", "--use_generate")[0] == 0
-    assert texts("loop.jsonl") == texts("generate.jsonl")
-    assert len(texts("loop.jsonl")) == 6
 
 
 def test_qwen2_tiny_model_generates(tmp_path, capsys):

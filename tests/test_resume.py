@@ -53,7 +53,7 @@ def test_every_record_carries_its_fingerprint_and_provenance(tiny, capsys):
     ("max_new_tokens", "the generation parameters differ (6)"),
     ("temperature", "the generation parameters differ (6)"),
     ("template", "the prompt as the model saw it (rendered, tokenized) differs (6)"),
-    ("dtype", "the engine or its dtype/merge setting differs (6)"),
+    ("dtype", "the engine (its dtype, merge setting, or how it decodes and seeds) differs (6)"),
     ("run_name", "the run name differs (--adapter_path NAME=PATH) (6)"),
 ])
 def test_resume_refuses_records_made_differently(tiny, other_adapter, capsys, change, differs):

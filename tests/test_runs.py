@@ -143,6 +143,127 @@ def test_compare_name_collision_is_an_error_with_the_fix(gen, capsys):
     assert line == "--compare: run 'id' (gen.a.jsonl) would make a second column 'id'; name it: --compare NAME=gen.a.jsonl"
 
 
+# --- one run whatever its per-request parameters; two runs that differ only in settings -----------------
+
+
+def test_shards_with_per_request_parameters_are_one_run(tiny, tmp_path, capsys):  # noqa: F811
+    """Each shard holds several max_completion_tokens values (generation fingerprints): one run."""
+    write_jsonl("bi.jsonl", [{**batch_line(f"k{i}", f"tell me about {i}"), "body": {
+        **batch_line(f"k{i}", f"tell me about {i}")["body"], "max_completion_tokens": (2, 3)[i % 2]}}
+        for i in range(6)])
+    for shard in range(3):
+        code, _, err = run_main(capsys, "--model_name_or_path", tiny["base"], "--input_file", "bi.jsonl",
+                                "--adapter_path", f"a={tiny['adapter']}", "--output_file", "gen.jsonl",
+                                "--shard_index", shard, "--num_shards", 3)
+        assert code == 0, err
+    variants = {json.loads(line)["fingerprint"]["generation"] for line in open("gen.shard-000-of-003.jsonl")}
+    assert len(variants) > 1  # the shard itself mixes parameters
+    for given in (["--input_file", "gen.shard-*.jsonl"], ["--input_file", "gen.jsonl"]):
+        code, out, err = run(capsys, *given, "--batch_input", "bi.jsonl", "--output_file", "r.jsonl")
+        assert code == 0, err
+        assert out.splitlines()[0] == "6 ok, 0 failed, 0 missing"
+    code, out, err = run(capsys, "--compare", "gen.jsonl", "--batch_input", "bi.jsonl", "--output_file", "t.jsonl")
+    assert code == 0, err
+    assert out.splitlines()[-1] == "wrote t.jsonl (6 rows, 6 requests, 1 run)"
+    # The stem's records read twice (a glob over the merged file and its shards): one run, deduplicated.
+    with open("gen.all.jsonl", "w", encoding="utf-8") as merged:
+        for shard in range(3):
+            merged.write(open(f"gen.shard-00{shard}-of-003.jsonl", encoding="utf-8").read())
+    code, out, err = run(capsys, "--input_file", "gen.*.jsonl", "--batch_input", "bi.jsonl", "--output_file",
+                         "r2.jsonl")
+    assert code == 0, err
+    assert out.splitlines()[0] == "6 ok, 0 failed, 0 missing"
+    assert "6 custom_id(s) were read more than once" in err
+
+
+def test_two_runs_of_one_adapter_at_two_temperatures_are_told_apart(tiny, tmp_path, capsys):  # noqa: F811
+    write_jsonl("prompts.jsonl", [{"id": i, "prompt": f"question {i}"} for i in IDS])
+    for temperature in ("0.7", "1.0"):
+        code, _, err = run_main(capsys, "--model_name_or_path", tiny["base"], "--input_file", "prompts.jsonl",
+                                "--id_field", "id", "--adapter_path", f"a={tiny['adapter']}", "--max_new_tokens", 3,
+                                "--temperature", temperature, "--output_file", f"gen_t{temperature}.jsonl")
+        assert code == 0, err
+    message = ("gen_t0.7.jsonl and gen_t1.0.jsonl both answer 'p0' for run 'a', with different generation settings "
+               "(temperature 0.7 vs 1.0): they are two runs, never merged; put them side by side with "
+               "--compare a_0.7=gen_t0.7.jsonl a_1.0=gen_t1.0.jsonl (or reformat each on its own)")
+    assert refused(tmp_path, capsys, "--input_file", "gen_t0.7.jsonl", "gen_t1.0.jsonl",
+                   "--output_file", "r.jsonl") == message
+    assert refused(tmp_path, capsys, "--compare", "gen_t*.jsonl", "--output_file", "t.jsonl") == \
+        "--compare gen_t*.jsonl: " + message
+    code, out, err = run(capsys, "--compare", "a_0.7=gen_t0.7.jsonl", "a_1.0=gen_t1.0.jsonl", "--output_file",
+                         "t.jsonl")  # the command suggested
+    assert code == 0, err
+    assert columns("t.jsonl") == ["id", "a_0.7", "a_0.7.status", "a_1.0", "a_1.0.status"]
+
+
+def test_a_torn_last_line_says_the_generation_was_interrupted_and_a_rerun_repairs_it(tiny, tmp_path,  # noqa: F811
+                                                                                      capsys):
+    write_jsonl("prompts.jsonl", [{"id": i, "prompt": f"question {i}"} for i in IDS])
+    command = ["--model_name_or_path", tiny["base"], "--input_file", "prompts.jsonl", "--id_field", "id",
+               "--max_new_tokens", 3, "--temperature", 0, "--output_file", "gen.jsonl"]
+    assert run_main(capsys, *command)[0] == 0
+    data = open("gen.jsonl", "rb").read()
+    last = data.rindex(b"\n", 0, len(data) - 1) + 1
+    open("gen.jsonl", "wb").write(data[:last + 40])  # a kill mid-line: the last record is cut off
+    line = refused(tmp_path, capsys, "--input_file", "gen.jsonl", "--output_file", "r.jsonl")
+    assert line.startswith("gen.jsonl:4: not valid JSON (Unterminated string starting at column ")  # not "at at"
+    assert line.endswith("; the last line is cut off: the generation that wrote this file was interrupted; rerun "
+                         "the same generate_data_finetuned.py command to repair it (finished records are kept)")
+    assert run_main(capsys, *command)[0] == 0  # the rerun the message asks for
+    code, out, err = run(capsys, "--input_file", "gen.jsonl", "--output_file", "r.jsonl")
+    assert code == 0, err
+    assert out.splitlines()[0] == "4 ok, 0 failed, 0 missing"
+
+
+# --- a --compare table and a reformatted file are not raw runs ---------------------------------------------
+
+
+@pytest.mark.parametrize("table", ["table.jsonl", "table.parquet", "long.jsonl"])
+def test_a_compare_table_is_not_a_run(gen, capsys, table):
+    extra = ["--long"] if table.startswith("long") else []
+    code, _, err = run(capsys, "--compare", "gen.a.jsonl", "gen.b.jsonl", *extra, "--output_file", table)
+    assert code == 0, err
+    where = f"{table}:row 1" if table.endswith(".parquet") else f"{table}:1"
+    message = (f"{where}: a row of a --compare table (NAME.status columns, no source), not a run's results; "
+               "give each run's own files (its raw results or its reformatted output)")
+    assert refused(gen, capsys, "--compare", table, "gen.base.jsonl", "--output_file", "t2.csv") == message
+    if not table.endswith(".parquet"):
+        assert refused(gen, capsys, "--input_file", table, "--output_file", "r.jsonl") == message
+
+
+def test_an_output_over_a_stem_that_stands_for_files_is_refused(gen, capsys):
+    assert refused(gen, capsys, "--compare", "gen.jsonl", "--output_file", "gen.jsonl") == (
+        "--output_file gen.jsonl is --compare gen.jsonl, which stands for its shards or adapters' files; "
+        "writing it would hide them: choose another output path")
+    assert refused(gen, capsys, "--compare", "all=gen.a.jsonl", "--output_file", "./gen.a.jsonl").startswith(
+        "--output_file gen.a.jsonl is the same file as the input gen.a.jsonl")
+    write_jsonl("g.shard-000-of-002.jsonl", [ft_line("p0")])
+    write_jsonl("g.shard-001-of-002.jsonl", [ft_line("p1")])
+    assert refused(gen, capsys, "--input_file", "g.jsonl", "--output_file", "g.jsonl") == (
+        "--output_file g.jsonl is --input_file g.jsonl, which stands for its shards or adapters' files; "
+        "writing it would hide them: choose another output path")
+
+
+def test_an_already_reformatted_file_is_not_reformatted_again(gen, capsys):
+    assert run(capsys, "--input_file", "gen.a.jsonl", "--output_file", "r_a.jsonl")[0] == 0
+    assert refused(gen, capsys, "--input_file", "r_a.jsonl", "--output_file", "again.jsonl") == (
+        "r_a.jsonl:1: already reformatted (reformat_results.py's output, keyed by id); it needs no --input_file "
+        "run: use it as it is, or give it to --compare beside other runs")
+
+
+def test_prompts_file_ids_without_id_field_suggest_it(gen, capsys):
+    code, _, err = run(capsys, "--input_file", "gen.a.jsonl", "--prompts_file", "prompts.jsonl",
+                       "--output_file", "r.jsonl")
+    assert code == 1
+    assert err.strip().splitlines()[-1] == (
+        f"{PREFIX}4 of the 4 requests have no result; they are listed in r.failed.jsonl (reason missing); no id "
+        "matched: the rows of prompts.jsonl have an 'id' field, pass --id_field id (the ids are request-<row> "
+        "without it)")
+    code, out, err = run(capsys, "--input_file", "gen.a.jsonl", "--prompts_file", "prompts.jsonl", "--id_field", "id",
+                         "--output_file", "r.jsonl")
+    assert code == 0, err
+
+
 # --- OpenAI results of two batches with the same ids ---------------------------------------------
 
 
@@ -362,3 +483,24 @@ def test_a_download_and_its_retry_download_are_one_run_end_to_end(api, cli, caps
     assert code == 0, err
     assert out.splitlines()[0] == "6 ok, 0 failed, 0 missing"
     assert {r["run"] for r in read_jsonl("out.jsonl")} == {"gpt-4o-mini"}
+    # Given to --compare as two PATHs: one run too (they answer the same batch input).
+    code, out, err = run(capsys, "--compare", "results.jsonl", "retried.jsonl", "--batch_input", "batchinput.jsonl",
+                         "--output_file", "t.jsonl")
+    assert code == 0, err
+    assert out.splitlines() == [
+        "gpt-4o-mini: 6 ok, 0 failed, 0 missing (results.jsonl, results.jsonl.errors.jsonl, retried.jsonl)",
+        "wrote t.jsonl (6 rows, 6 requests, 1 run)"]
+
+
+def test_a_run_whose_results_file_is_empty_is_named_by_it(api, cli, capsys, tmp_path):  # noqa: F811
+    write_input(n=3)
+    assert cli("--run").rc == 0
+    [original] = saved_ids()
+    api.expire(original)  # nothing answered: an empty results file and its errors file
+    assert cli("--wait", "--download", "results.jsonl").rc == 4
+    assert (tmp_path / "results.jsonl").stat().st_size == 0
+    (tmp_path / "other").mkdir()
+    write_jsonl("other/results.jsonl", [ok_line(f"q{i}", chat_body(f"a{i}", model="gpt-4o-mini")) for i in range(3)])
+    line = refused(tmp_path, capsys, "--compare", "other/results.jsonl", "results.jsonl", "--output_file", "t.csv")
+    assert line == ("--compare: 2 runs are named 'gpt-4o-mini' (other/results.jsonl; results.jsonl (+1 files)); give "
+                    "each its own name: --compare A=other/results.jsonl B=results.jsonl (NAME=PATH)")
