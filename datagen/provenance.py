@@ -279,6 +279,7 @@ def _check_models(results: Path, parts: list[Path], batch_input_path, digests: l
             if isinstance(body, dict) and isinstance(body.get("model"), str):
                 answered.add(body["model"])
                 azure = azure or "prompt_filter_results" in body
+                break  # the first answer's model is the file's: a file of several models is refused as several runs
     except UserError:  # a malformed line: reading the results reports it with file:line
         return
     if not answered and results.name.endswith(ERRORS_SUFFIX):
