@@ -62,7 +62,7 @@ test: $(VENV)/.dev $(VENV)/.vllm
 test-slurm: $(VENV)/.dev
 	$(PY) -m pytest tests/test_slurm.py $(PYTEST_ARGS)
 
-# The benchmarks (minutes each at full size; see README "Benchmarks").
+# The benchmarks (minutes each at full size; see docs/benchmarks.md and bench/README.md).
 bench: $(VENV)/.dev $(VENV)/.vllm
 	$(PY) bench/bench_create_batchinput.py
 	$(PY) bench/bench_reformat.py

@@ -159,7 +159,7 @@ def main(argv=None) -> int:
           generate_data_finetuned.py  {batch_input} -> {generations}: {len(read_jsonl(ROOT / generations))} lines
           reformat_results.py         {generations} -> {finetuned_out}: {len(read_jsonl(ROOT / finetuned_out))} lines
           reformat_results.py         --compare {results} {generations} -> {table}
-        Everything is in {work}/. Next: the README's sections on each script, and on real OpenAI use.""").rstrip())
+        Everything is in {work}/. Next: the README's recipe for real OpenAI use, and the manual in docs/ (one page per script).""").rstrip())
     return 0
 
 

@@ -424,7 +424,7 @@ def test_array_job_shards_every_request_exactly_once(slurm_cluster, tiny_model):
         assert f"wrote {shard_file(k, 3)}: 10 generated, 0 already there" in log
         assert "[job_script] generate_data_finetuned.py exited with status 0" in log
 
-    # The shards merge into one file, as the README says.
+    # The shards merge into one file, as docs/slurm.md says.
     merged = run_script("reformat_results.py", "--input_file", "generations.shard-*.jsonl",
                         "--output_file", "reformatted.jsonl")
     assert merged.returncode == 0, merged.stderr
