@@ -7,24 +7,10 @@
     python create_batchinput.py --input_file examples/prompts.jsonl --model_name gpt-4o-mini \\
         --dry_run --input_price 0.075 --output_price 0.30
 
-Reads JSONL, a JSON array, CSV/TSV, Parquet or a Hugging Face dataset folder
-(save_to_disk), one record per row: a text field (--prompt_field, default "prompt") or
-a whole conversation (--messages_field, default "messages"). Each row becomes one line
-{"custom_id", "method": "POST", "url", "body"}; custom_id comes from --id_field or is
-request-<row> (rows count from 0). Generation parameters are sent only when given,
-under the name each endpoint expects; every body is checked against the API's types and
-ranges (datagen/params.py) before anything is written. Without --temperature the API
-samples at temperature 1 (a warning says so); --temperature 0 is greedy.
-
-A file holds at most 50,000 requests and 200 MB; beyond that the output is written as
-numbered parts STEM.part-001.jsonl, STEM.part-002.jsonl, ... (batch_utils.py --run
-takes them all). --max_tokens_per_file N also starts a new part before N estimated
-tokens (input characters / 4, rounded up, plus --max_tokens x n per request: what a
-batch counts against the model's enqueued-token limit), so that each part fits it;
---dry_run --max_enqueued_tokens N says how many parts fit that limit at once. The
-output is complete or absent: nothing is left on an error.
-The same batch file also feeds generate_data_finetuned.py, so both routes answer the
-same prompts under the same custom_ids.
+Each row becomes one request line {"custom_id", "method", "url", "body"}; parameters are
+sent only when given and checked against the API's ranges first. Past 50,000 requests or
+200 MB the output is split into STEM.part-NNN.jsonl. The same file feeds
+generate_data_finetuned.py. Input kinds, limits and estimates: docs/create_batchinput.md.
 """
 
 from __future__ import annotations
@@ -45,7 +31,8 @@ NO_TEMPERATURE = ("no --temperature: the OpenAI API samples at temperature 1 whe
 
 
 def build_parser():
-    parser = cli.make_parser(__doc__, prog="create_batchinput.py")
+    parser = cli.make_parser(__doc__, prog="create_batchinput.py",
+                             usage="%(prog)s --input_file FILE --model_name MODEL [options]")
     io = parser.add_argument_group("files")
     cli.add_flag(io, "input_file", required=True, help="prompts file (jsonl, json, csv, tsv, parquet) or dataset folder")
     cli.add_flag(io, "output_file", default="batchinput.jsonl", help="batch input file to write (.jsonl)")

@@ -5,36 +5,10 @@
         --input_file examples/prompts.jsonl --id_field id --output_file generations.jsonl --batch_size 32
     python generate_data_finetuned.py --model_name_or_path BASE --adapter_path ADAPTER \\
         --input_file batchinput.jsonl --output_file generations.jsonl      # the OpenAI route's input
-    python generate_data_finetuned.py ... --shard_index 0 --num_shards 4   # or a SLURM array task
 
---input_file is a prompts file (JSONL, JSON, CSV/TSV, Parquet, saved HF dataset; the
-same flags as create_batchinput.py) or the batch input file made for the OpenAI route
-(or the path of one split into .part-NNN files): then the same custom_ids are answered,
-with each body's max tokens, temperature, top_p, seed, n and stop unless a flag here
-overrides them. Conversations go through the tokenizer's chat template.
-
-Decoding follows the OpenAI API, so one batch input means the same on both routes: a
-request with no temperature is sampled at temperature 1 (top_p 1); temperature 0 is
-greedy (--temperature 0 for every request); --do_sample / --no_do_sample force either.
-Every run logs the decoding it uses.
-With the Hugging Face engine, prompts are sorted by length into batches with left
-padding for transformers' generate: --batch_size prompts of the longest kind, and as many
-shorter ones as fit the same token budget (--max_batch_tokens). The adapter is merged
-into the weights unless --no_merge_lora; on CUDA out-of-memory the batch is halved.
-With vLLM, every request goes to vLLM's own scheduler as one stream (thousands in flight):
---batch_size does not apply; vLLM runs as many sequences at once as its max_num_seqs and
-max_num_batched_tokens allow (its defaults for the GPU or CPU it finds).
-
-Output: one JSON line per request, appended as each request finishes: custom_id,
-generated_text, finish_reason, prompt_tokens, completion_tokens (summed over samples),
-samples (n > 1), source, model, model_sha256, adapter, adapter_sha256, engine,
-generation, fingerprint, created. A prompt too long for the model's context, or one the
-chat template refuses, is a record with "error": {"code", "message"} instead. Rerun the
-same command to resume: a record already there is reused only when its fingerprint
-(model, adapter, engine, parameters, the exact input) matches; otherwise the run refuses
-and says what differs (--regenerate_mismatched makes exactly those records again). With
---num_shards N (or in a SLURM array) shard K takes rows K, K+N, ... and writes
-STEM.shard-KKK-of-NNN.jsonl.
+--input_file: a prompts file or the OpenAI route's batch input (same custom_ids). One
+JSON line per request, appended as it finishes; rerun the same command to resume.
+Engines, decoding, adapters, output fields, shards: docs/generate_data_finetuned.md.
 """
 
 from __future__ import annotations
@@ -68,83 +42,64 @@ def batch_tokens(text: str) -> int | None:
 
 
 def build_parser():
-    parser = cli.make_parser(__doc__, prog="generate_data_finetuned.py")
+    parser = cli.make_parser(__doc__, prog="generate_data_finetuned.py",
+                             usage="%(prog)s --model_name_or_path MODEL --input_file FILE [options]")
     files = parser.add_argument_group("model and files")
     cli.add_flag(files, "model_name_or_path", required=True, help="base model: a local folder or a hub id")
     cli.add_flag(files, "adapter_path", action="append", default=None, metavar="[NAME=]PATH",
-                 help="LoRA adapter folder (peft); repeat for several checkpoints, each answering into its own "
-                      "OUT_STEM.NAME.jsonl (NAME: the folder's name unless given); without it the base model "
-                      "runs alone" + OWN_DEFAULT)
+                 help="LoRA adapter folder; repeat for several, each into OUT_STEM.NAME.jsonl" + OWN_DEFAULT)
     cli.add_flag(files, "with_base", action="store_true",
-                 help="also answer with the base model alone, into OUT_STEM.base.jsonl (same batches)")
+                 help="also answer with the base model (OUT_STEM.base.jsonl)")
     cli.add_flag(files, "input_file", required=True,
-                 help="prompts file (jsonl, json, csv, tsv, parquet, dataset folder) or an OpenAI batch input .jsonl")
+                 help="prompts file, or the OpenAI route's batch input")
     cli.add_flag(files, "output_file", default="generations.jsonl",
-                 help="generations file, appended and resumed (per shard: STEM.shard-KKK-of-NNN.jsonl)")
+                 help="generations file, appended and resumed")
     cli.add_flag(files, "regenerate_mismatched", action="store_true",
-                 help="resume even where records already in --output_file were made differently (another model, "
-                      "adapter, engine, parameters or prompt): move exactly those to OUTPUT.replaced and make "
-                      "them again")
+                 help="remake the records made differently (moved to OUTPUT.replaced)")
     cli.add_flag(files, "ignore_unsupported_fields", action="store_true",
-                 help="run a batch input whose bodies set fields this route cannot honour (logprobs, "
-                      "response_format, penalties, tools, ...) without them; each record lists what it ignored")
+                 help="run without body fields this route cannot honour (logprobs, tools, ...)")
     prompt_group = prompts.add_prompt_args(parser)
     cli.add_flag(prompt_group, "use_chat_template", default="auto", choices=["auto", "always", "never"],
-                 help="auto: conversations and plain prompts go through the tokenizer's chat template when it has "
-                      "one (not /v1/completions lines); never: raw text; always: also fail without a template")
+                 help="auto: use the tokenizer's chat template when it has one; always: fail without one")
     gen = parser.add_argument_group("generation (a flag given here overrides each batch line's value)")
-    cli.add_flag(gen, "max_new_tokens", type=params.max_tokens_flag, default=None,
+    cli.add_flag(gen, "max_new_tokens", type=params.max_tokens_flag, metavar="N", default=None,
                  help=f"new tokens per sample (default: the batch line's max tokens, else {engine.DEFAULT_MAX_NEW_TOKENS})"
                       + OWN_DEFAULT)
     cli.add_flag(gen, "do_sample", action="store_true", default=None,
-                 help="sample, whatever the temperature (default: sample when the temperature is above 0)" + OWN_DEFAULT)
+                 help="sample (default: when the temperature is above 0)" + OWN_DEFAULT)
     cli.add_flag(gen, "no_do_sample", dest="do_sample", action="store_false", default=argparse.SUPPRESS,
-                 help="greedy decoding even where a batch line sets a temperature")
+                 help="greedy decoding, whatever the temperature")
     cli.add_flag(gen, "temperature", type=params.temperature_flag, default=None,
-                 help=f"sampling temperature; 0 = greedy (default: the batch line's, else {engine.DEFAULT_TEMPERATURE:g} "
-                      "as in the OpenAI API)" + OWN_DEFAULT)
+                 help=f"0 = greedy (default: the batch line's, else {engine.DEFAULT_TEMPERATURE:g})" + OWN_DEFAULT)
     cli.add_flag(gen, "top_p", type=params.top_p_flag, default=None, help=f"nucleus sampling mass (default {engine.DEFAULT_TOP_P})" + OWN_DEFAULT)
     cli.add_flag(gen, "seed", type=params.seed_flag, default=None,
-                 help=f"sampling seed (default: the batch line's, else {engine.DEFAULT_SEED}); each request's own seed "
-                      "comes from it and its custom_id. vllm samples each request alone with it; hf seeds one random "
-                      "stream per batch from its requests' seeds, so hf samples depend on which requests share a "
-                      "batch (--batch_size, --max_batch_tokens, the other requests)" + OWN_DEFAULT)
-    cli.add_flag(gen, "num_return_sequences", "--n", type=params.n_flag, default=None, help="samples per prompt (default: the batch line's n, else 1)" + OWN_DEFAULT)
+                 help=f"sampling seed (default: the batch line's, else {engine.DEFAULT_SEED})" + OWN_DEFAULT)
+    cli.add_flag(gen, "num_return_sequences", type=params.n_flag, metavar="N", default=None, help="samples per prompt (default: the batch line's n, else 1)" + OWN_DEFAULT)
     cli.add_flag(gen, "stop", action="append", default=None, metavar="TEXT", type=params.stop_flag, dash_value=True,
-                 help="stop string, cut from the output; repeat for several (default: the batch line's)" + OWN_DEFAULT)
+                 help="stop string; repeatable (default: the batch line's)" + OWN_DEFAULT)
     run = parser.add_argument_group("engine, speed and placement")
     cli.add_flag(run, "engine", default="auto", choices=["auto", "hf", "vllm"],
-                 help="hf: Hugging Face (any model, CPU or GPU); vllm: vLLM (continuous batching, several LoRA "
-                      "adapters in the same batches); auto: vllm when it is installed and a CUDA GPU is present, "
-                      "else hf")
-    cli.add_flag(run, "tensor_parallel_size", type=int, default=1, help="vllm: GPUs to split the model over")
-    cli.add_flag(run, "gpu_memory_utilization", type=cli.number(0.01, 1), default=0.9,
-                 help="vllm: share of GPU memory for weights and KV cache")
+                 help="auto: vllm when installed and a CUDA GPU is present, else hf")
+    cli.add_flag(run, "tensor_parallel_size", type=int, metavar="N", default=1, help="vllm: GPUs to split the model over")
+    cli.add_flag(run, "gpu_memory_utilization", metavar="SHARE", type=cli.number(0.01, 1), default=0.9,
+                 help="vllm: share of GPU memory to use")
     cli.add_flag(run, "max_model_len", type=int, default=None,
-                 help="vllm: context length to plan the KV cache for (default: the model's)" + OWN_DEFAULT)
+                 help="vllm: context length (default: the model's)" + OWN_DEFAULT)
     cli.add_flag(run, "batch_size", type=int, default=32,
-                 help="hf: prompts per batch for the longest prompts; shorter ones fill the same token budget, "
-                      "see --max_batch_tokens (halved on CUDA out-of-memory). vllm ignores it: its scheduler takes "
-                      "the whole run as a stream and runs as many sequences at once as its own max_num_seqs and "
-                      "max_num_batched_tokens allow (vLLM's defaults for the device)")
+                 help="hf: prompts per batch; halved on out-of-memory")
     cli.add_flag(run, "max_batch_tokens", type=batch_tokens, default=None, metavar="auto|N|0",
-                 help="token budget of a batch: rows x (its longest prompt + max new tokens). auto (default): "
-                      "what --batch_size rows of the longest prompts take, so short prompts go in bigger "
-                      f"batches (at most {engine_hf.BUDGET_ROWS_FACTOR}x --batch_size) within the same memory; "
-                      "N: that budget; 0: plain batches of --batch_size" + OWN_DEFAULT)
-    cli.add_flag(run, "merge_lora", action="store_true", default=True,
-                 help="merge the adapter into the weights with merge_and_unload (faster)")
-    cli.add_flag(run, "no_merge_lora", dest="merge_lora", action="store_false", default=argparse.SUPPRESS,
-                 help="keep the adapter as a separate pass (slower; avoids the rounding of merged bf16/fp16 weights)")
-    cli.add_flag(run, "dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                 help="weights dtype; auto = bfloat16 on a GPU, float32 on CPU")
-    cli.add_flag(run, "device_map", default=None,
-                 help='accelerate device map, e.g. "auto" (spread over GPUs) or "cuda:0" (default: auto on a GPU, CPU otherwise)'
+                 help="hf: token budget of a batch; auto (default) fits more short prompts; 0: off"
                       + OWN_DEFAULT)
+    cli.add_flag(run, "no_merge_lora", dest="merge_lora", action="store_false",
+                 help="keep the adapter unmerged (slower, exact)" + OWN_DEFAULT)
+    cli.add_flag(run, "dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                 help="auto = bfloat16 on a GPU, float32 on CPU")
+    cli.add_flag(run, "device_map", default=None,
+                 help='e.g. "auto" or "cuda:0" (default: auto on a GPU)' + OWN_DEFAULT)
     cli.add_flag(run, "trust_remote_code", action="store_true",
-                 help="run the model repository's own Python code (only for models you trust)")
+                 help="run the model repository's code (trusted ones only)")
     shards = parser.add_argument_group("sharding (defaults from SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT)")
-    cli.add_flag(shards, "shard_index", type=int, default=None, help="this shard, 0-based: takes rows K, K+N, ... (default 0)" + OWN_DEFAULT)
+    cli.add_flag(shards, "shard_index", type=int, default=None, help="shard K, 0-based: rows K, K+N, ... (default 0)" + OWN_DEFAULT)
     cli.add_flag(shards, "num_shards", type=int, default=None, help="number of shards N (default 1)" + OWN_DEFAULT)
     cli.add_logging_args(parser)
     return parser

@@ -84,7 +84,7 @@ declare -A SWITCH_ON=([DO_SAMPLE]=--do_sample [NO_MERGE_LORA]=--no_merge_lora [T
                       [WITH_BASE]=--with_base
                       [REGENERATE_MISMATCHED]=--regenerate_mismatched
                       [IGNORE_UNSUPPORTED_FIELDS]=--ignore_unsupported_fields)
-declare -A SWITCH_OFF=([DO_SAMPLE]=--no_do_sample [NO_MERGE_LORA]=--merge_lora)
+declare -A SWITCH_OFF=([DO_SAMPLE]=--no_do_sample)
 SWITCHES=(DO_SAMPLE NO_MERGE_LORA TRUST_REMOTE_CODE WITH_BASE REGENERATE_MISMATCHED IGNORE_UNSUPPORTED_FIELDS)
 REQUIRED=(MODEL_NAME_OR_PATH INPUT_FILE)
 
@@ -115,13 +115,11 @@ if [[ ${1:-} == -h || ${1:-} == --help ]]; then usage; exit 0; fi
 lower() { tr '[:upper:]' '[:lower:]' <<<"$1"; }
 flag_of() { echo "--$(lower "$1")"; }           # MAX_NEW_TOKENS -> --max_new_tokens
 
-# True when FLAG (underscore spelling) is among the arguments, in any accepted spelling.
+# True when FLAG is among the arguments (as --flag VALUE or --flag=VALUE).
 given_as_argument() {
-    local flag=$1 kebab arg
-    kebab=${flag//_/-}
-    kebab=--${kebab#--}
+    local flag=$1 arg
     for arg in ${SCRIPT_ARGS[@]+"${SCRIPT_ARGS[@]}"}; do
-        case $arg in "$flag" | "$flag"=* | "$kebab" | "$kebab"=*) return 0 ;; esac
+        case $arg in "$flag" | "$flag"=*) return 0 ;; esac
     done
     return 1
 }
@@ -197,7 +195,7 @@ print(" ".join(m for m in ("torch", "transformers", "peft") if u.find_spec(m) is
 fi
 
 # The files this task appends to (one per adapter, per shard), named as
-# generate_data_finetuned.py names them, from its own parser: --output-file=X, --num_shards N,
+# generate_data_finetuned.py names them, from its own parser: --output_file=X, --num_shards N,
 # an array task all count. NUL-separated; nothing when the arguments do not parse (the
 # generator then says why).
 output_files() {

@@ -12,39 +12,10 @@
     python reformat_results.py --compare answers=res1/results.jsonl judge=res2/results.jsonl \\
         'lora=gen/generations.a.shard-*.jsonl' --batch_input batchinput.jsonl --output_file table.csv
 
-Reads OpenAI Batch API results (the output file and its .errors.jsonl, which is picked
-up by itself when it lies beside the output; vLLM run-batch files too) or fine-tuned
-generations (one file, or all shards of a SLURM array). --input_file takes several
-files and globs. Writes one line per request, with the same columns and types for every
-route, endpoint and n: id, generated_text, source, run, model, adapter, finish_reason,
-refusal, prompt_tokens, completion_tokens, reasoning_tokens, samples, details (JSON
-text), then the --keep_fields; .csv, .tsv or .parquet output when the file name says so.
-
-One output holds one run (one model or adapter on one input; datagen/result_runs.py):
-files of several runs (adapters' files and the base, two batches with the same ids, a
-file that mixes models) are refused, never merged; shards of one run and a download with
-its --retry_failed download are one run. Failed requests go to OUT.failed.jsonl with
-their reason (error, length, empty, missing) and never to the output. A request read
-twice (a resubmission) keeps its success, else the first one read. With --batch_input
-or --prompts_file the output follows their order, missing requests are listed, and
---keep_fields copies their fields ('prompt': the input the model saw, system message
-included); with both, the prompts file gives its fields, joined by custom_id. The
-prompt flags (--prompt_field, --prompt_template, ...) are needed only to build 'prompt'
-from a prompts file. Fine-tuned answers made for other prompts than --batch_input (or a
-prompts file read with prompt flags) has are refused. Without either, lines are in
-natural order of custom_id.
-Prints "N ok, M failed, K missing". Missing requests exit 1 (after writing both files)
-unless --allow_partial; --strict exits 1 on failed ones too.
-
---compare [NAME=]PATH ... joins runs of either route (raw or reformatted files, globs; a
-generations file that stands for its shards or its adapters' OUT.NAME.jsonl files; a
-PATH of several runs gives one column per run) on the id: one row per request with the
-prompt, the kept fields, and per run a text column and a NAME.status column (ok,
-failed, missing). A run's name comes from its records (the adapter's NAME, base, the
-OpenAI model as requested) or from NAME=; two runs of one name are an error (name them).
-Ids the requests do not have are left out and counted per run. --long gives one row
-per request, run and sample. Every output is complete or absent; temporary data goes
-to $TMPDIR.
+Reads Batch API results or fine-tuned generations (several files, globs, shards) and
+writes one line per request, same columns on both routes; failed requests go to
+OUT.failed.jsonl. Prints "N ok, M failed, K missing"; missing ones exit 1 unless
+--allow_partial. --compare joins runs side by side. Details: docs/reformat_results.md.
 """
 
 from __future__ import annotations
@@ -61,7 +32,8 @@ log = logging.getLogger("datagen")
 
 
 def build_parser():
-    parser = cli.make_parser(__doc__, prog="reformat_results.py")
+    parser = cli.make_parser(__doc__, prog="reformat_results.py",
+                             usage="%(prog)s --input_file FILE [options]  |  %(prog)s --compare RUN [RUN ...] [options]")
     io = parser.add_argument_group("files")
     what = io.add_mutually_exclusive_group(required=True)
     cli.add_flag(what, "input_file", nargs="+", metavar="FILE",

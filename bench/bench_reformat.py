@@ -160,7 +160,7 @@ def timed(command: list[str], stdout=None) -> tuple[float, float, float]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lines", type=int, default=1_000_000, help="requests to generate")
-    parser.add_argument("--work_dir", "--work-dir", default=str(ROOT / "bench" / "out" / "reformat"),
+    parser.add_argument("--work_dir", default=str(ROOT / "bench" / "out" / "reformat"),
                         help="where the generated files go")
     parser.add_argument("--jq", default=shutil.which("jq") or "/usr/bin/jq", help="jq binary")
     parser.add_argument("--keep", action="store_true", help="keep the generated files")

@@ -12,8 +12,8 @@ holds what they share so that each flag and each convention has one home:
   place) that a signal cannot cut in two.
 - ``describe_os_error`` / ``refuse_non_regular``: disk full, permissions, device nodes
   as one line that names the path and says how to fix it.
-- ``add_flag(group, "input_file", ...)``: defines ``--input_file`` and its kebab-case
-  alias ``--input-file`` together.
+- ``add_flag(group, "input_file", ...)``: defines ``--input_file`` (one spelling, snake_case)
+  and marks a flag whose value may start with "-".
 - ``number(minimum, maximum)``: the argparse ``type=`` of every float flag; nan and
   inf are refused (exit 2, naming the flag), so no guard compares against them.
 - ``progress(...)``: a tqdm bar that redraws in place on a terminal and prints one
@@ -43,14 +43,18 @@ log = logging.getLogger("datagen")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the docstring's example commands as written; each flag's aliases and metavar
-    once (``--input_file, --input-file PATH``); a default shown once, and only when it says
+    """Keeps the docstring's example commands as written; each flag's metavar once
+    (``--input_file PATH``); a default shown once, and only when it says
     something (not None, not off, not one the help text already states)."""
 
     def _format_action_invocation(self, action: argparse.Action) -> str:
         if not action.option_strings or action.nargs == 0:
             return super()._format_action_invocation(action)
         return f"{', '.join(action.option_strings)} {self._format_args(action, self._get_default_metavar_for_optional(action))}"
+
+    def _get_default_metavar_for_optional(self, action: argparse.Action) -> str:
+        # The last word of the name (--input_file FILE, --batch_size SIZE) keeps most flags on one line.
+        return action.dest.rsplit("_", 1)[-1].upper()
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
@@ -77,25 +81,22 @@ def _split_examples(doc: str) -> tuple[str, str | None]:
     return description, "examples:\n" + "\n".join(examples)
 
 
-def make_parser(doc: str | None, prog: str | None = None) -> argparse.ArgumentParser:
-    """A parser whose description is the script's docstring, its example commands last."""
+def make_parser(doc: str | None, prog: str | None = None, usage: str | None = None) -> argparse.ArgumentParser:
+    """A parser whose description is the script's docstring, its example commands last;
+    ``usage``: a short usage line (argparse's own lists every flag)."""
     description, epilog = _split_examples(doc) if doc else (None, None)
     # allow_abbrev=False: a typo like --output_fil must fail, not silently match a flag.
-    return argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
+    return argparse.ArgumentParser(prog=prog, usage=usage, description=description, epilog=epilog,
                                    formatter_class=HelpFormatter, allow_abbrev=False)
 
 
-def add_flag(group, name: str, *more: str, dash_value: bool = False, **kwargs) -> argparse.Action:
-    """Add ``--name`` plus its kebab-case alias (``--input_file`` and ``--input-file``).
+def add_flag(group, name: str, *, dash_value: bool = False, **kwargs) -> argparse.Action:
+    """Add ``--name`` (``--input_file``): each flag has one spelling, in snake_case.
 
     ``dash_value``: the value may start with "-" (``--stop '---'``), which argparse alone
     takes for a flag; ``run`` passes such a value on as ``--stop=---``.
     """
-    flags = [f"--{name}"]
-    if "_" in name:
-        flags.append(f"--{name.replace('_', '-')}")
-    flags.extend(more)
-    action = group.add_argument(*flags, **kwargs)
+    action = group.add_argument(f"--{name}", **kwargs)
     action.dash_value = dash_value
     return action
 

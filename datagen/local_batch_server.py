@@ -531,13 +531,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m datagen.local_batch_server", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (0: any free port)")
-    parser.add_argument("--api_key", "--api-key", default="sk-local",
+    parser.add_argument("--api_key", default="sk-local",
                         help="bearer token clients must send ('' accepts any)")
-    parser.add_argument("--step_seconds", "--step-seconds", type=number(0), default=1.0,
+    parser.add_argument("--step_seconds", type=number(0), default=1.0,
                         help="seconds between a batch's status steps")
-    parser.add_argument("--work_steps", "--work-steps", type=int, default=2,
+    parser.add_argument("--work_steps", type=int, default=2,
                         help="in_progress steps a batch takes to answer its requests")
-    parser.add_argument("--token_limit", "--token-limit", type=int, default=None, metavar="N",
+    parser.add_argument("--token_limit", type=int, default=None, metavar="N",
                         help="enqueued-token limit per model (default: none)")
     args = parser.parse_args(argv)
     server = LocalBatchServer(port=args.port, api_key=args.api_key or None, step_seconds=args.step_seconds,

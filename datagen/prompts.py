@@ -102,20 +102,19 @@ def add_prompt_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """The flags that say how a prompts file's rows become prompts (shared by both routes)."""
     group = parser.add_argument_group("prompts file")
     add_flag(group, "input_format", default="auto", choices=FORMATS,
-             help="kind of --input_file; auto picks by extension (.json by its first character)")
-    add_flag(group, "split", default=None, help="split of a saved Hugging Face DatasetDict (default: train or the only one)")
+             help="kind of --input_file; auto: by extension")
+    add_flag(group, "split", default=None, help="split of a saved DatasetDict (default: train)")
     add_flag(group, "prompt_field", default="prompt", help="row field holding the prompt text")
     add_flag(group, "messages_field", default="messages",
-             help="row field holding a whole chat conversation [{role, content}, ...], used when a row has no prompt field")
+             help="row field holding a conversation [{role, content}, ...]")
     add_flag(group, "id_field", default=None, help="row field to use as custom_id (default: request-<row>)")
     add_flag(group, "prompt_template", default=None,
-             help="build the prompt from row fields, e.g. 'Question: {question}\\nAnswer:': each {column} names "
-                  "a field as written ({lora_a.status} too), literal braces as {{ }}; \\n, \\t and \\\\ mean "
-                  "newline, tab and backslash")
+             help="prompt from row fields, e.g. 'Q: {question}\\nA:' ({{ }}: literal braces); "
+                  "\\n, \\t and \\\\ mean newline, tab and backslash")
     system = group.add_mutually_exclusive_group()
     add_flag(system, "system_prompt", default=None,
-             help="system prompt put before every conversation; \\n, \\t and \\\\ mean newline, tab and backslash")
-    add_flag(system, "system_prompt_file", default=None, help="file whose text is the system prompt, taken as written")
+             help="system prompt before every conversation; \\n, \\t and \\\\ mean newline, tab and backslash")
+    add_flag(system, "system_prompt_file", default=None, help="file holding the system prompt, taken as written")
     return group
 
 

@@ -309,7 +309,7 @@ def test_a_torn_manifest_is_rebuilt_from_the_api(limited, cli):
     (("--run", "--max_enqueued_tokens", "10"), "--max_enqueued_tokens goes with --run --wait (the queue)"),
     (("--wait", "--max_cost", "1"), "--max_cost goes with --run"),
     ((*COMMAND, "--max_enqueued_tokens", "0"), "--max_enqueued_tokens must be at least 1"),
-    ((*COMMAND, "--input_price", "-1"), "argument --input_price/--input-price: -1 is out of range; give a number of 0 or more"),
+    ((*COMMAND, "--input_price", "-1"), "argument --input_price: -1 is out of range; give a number of 0 or more"),
 ])
 def test_queue_flag_misuse_is_a_usage_error(limited, cli, args, message):
     result = cli(*args)

@@ -486,15 +486,15 @@ def test_bad_usage_exits_2(cli, args, message, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--run", "--max_cost", "nan", "--input_price", "1", "--output_price", "1"],
-     "argument --max_cost/--max-cost: nan is not a finite number; give a number of 0 or more"),
+     "argument --max_cost: nan is not a finite number; give a number of 0 or more"),
     (["--run", "--wait", "--max_cost", "5", "--input_price", "nan", "--output_price", "1"],
-     "argument --input_price/--input-price: nan is not a finite number; give a number of 0 or more"),
+     "argument --input_price: nan is not a finite number; give a number of 0 or more"),
     (["--run", "--max_cost", "5", "--input_price", "1", "--output_price", "inf"],
-     "argument --output_price/--output-price: inf is not a finite number; give a number of 0 or more"),
+     "argument --output_price: inf is not a finite number; give a number of 0 or more"),
     (["--run", "--max_cost=-inf", "--input_price", "1", "--output_price", "1"],
-     "argument --max_cost/--max-cost: -inf is not a finite number; give a number of 0 or more"),
-    (["--wait", "--poll_interval", "NaN"], "argument --poll_interval/--poll-interval: NaN is not a finite number"),
-    (["--run", "--max_cost", "1e400"], "argument --max_cost/--max-cost: 1e400 is not a finite number"),
+     "argument --max_cost: -inf is not a finite number; give a number of 0 or more"),
+    (["--wait", "--poll_interval", "NaN"], "argument --poll_interval: NaN is not a finite number"),
+    (["--run", "--max_cost", "1e400"], "argument --max_cost: 1e400 is not a finite number"),
 ])
 def test_numbers_that_are_not_numbers_are_refused_before_any_upload(api, cli, args, message):
     write_input(n=2, special=None)
@@ -505,10 +505,10 @@ def test_numbers_that_are_not_numbers_are_refused_before_any_upload(api, cli, ar
 
 @pytest.mark.parametrize("script, args, message", [
     ("create_batchinput.py", ["--input_file", "p.jsonl", "--model_name", "m", "--dry_run", "--input_price", "nan"],
-     "argument --input_price/--input-price: nan is not a finite number"),
+     "argument --input_price: nan is not a finite number"),
     ("generate_data_finetuned.py", ["--model_name_or_path", "m", "--input_file", "p.jsonl",
                                     "--gpu_memory_utilization", "nan"],
-     "argument --gpu_memory_utilization/--gpu-memory-utilization: nan is not a finite number; give a number from "
+     "argument --gpu_memory_utilization: nan is not a finite number; give a number from "
      "0.01 to 1"),
 ])
 def test_every_script_refuses_non_finite_float_flags(capsys, script, args, message):
@@ -525,7 +525,7 @@ def test_local_stand_in_refuses_a_non_finite_step(capsys):
 
     with pytest.raises(SystemExit) as exit_info:
         server_main(["--step_seconds", "nan"])
-    assert exit_info.value.code == 2 and "argument --step_seconds/--step-seconds: nan is not a finite number" in \
+    assert exit_info.value.code == 2 and "argument --step_seconds: nan is not a finite number" in \
         capsys.readouterr().err
 
 

@@ -100,8 +100,8 @@ def test_response_format_file_for_chat_and_responses(prompts_file, tmp_path, cap
         "format": {"type": "json_schema", "name": "answer", "schema": schema, "strict": True}}
 
 
-def test_extra_body_and_kebab_case_aliases(prompts_file, capsys):
-    code, _, _ = run(capsys, "--input-file", prompts_file, "--model-name", MODEL, "--extra-body", '{"logprobs": true}')
+def test_extra_body_reaches_the_body(prompts_file, capsys):
+    code, _, _ = run(capsys, "--input_file", prompts_file, "--model_name", MODEL, "--extra_body", '{"logprobs": true}')
     assert code == 0
     assert read_jsonl("batchinput.jsonl")[0]["body"]["logprobs"] is True
 
@@ -267,11 +267,11 @@ def test_error_in_a_late_row_leaves_no_part_files(tmp_path, capsys):
 
 BAD_FLAGS = [
     (["--temperature", "nan"], "argument --temperature: nan is not a finite number; give a number from 0 to 2"),
-    (["--top_p", "7"], "argument --top_p/--top-p: 7 is out of range; give a number from 0 to 1"),
+    (["--top_p", "7"], "argument --top_p: 7 is out of range; give a number from 0 to 1"),
     (["--n", "100000"], "argument --n: 100000 is out of range; give an integer from 1 to 128"),
     (["--temperature", "-5"], "argument --temperature: -5 is out of range; give a number from 0 to 2"),
     (["--temperature", "0.7x"], "argument --temperature: '0.7x' is not a number; give a number from 0 to 2"),
-    (["--max_tokens", "0"], "argument --max_tokens/--max-tokens: 0 is out of range; give an integer of at least 1"),
+    (["--max_tokens", "0"], "argument --max_tokens: 0 is out of range; give an integer of at least 1"),
     (["--seed", "1.5"], "argument --seed: '1.5' is not an integer; give a 64-bit integer"),
     (["--stop", ""], "argument --stop: an empty stop sequence"),
 ]

@@ -1,5 +1,5 @@
-"""Every script's --help: each flag once (aliases on one line), each default at most once,
-no empty defaults, examples at the end, nothing outside the repository."""
+"""Every script's --help: at most 100 lines, each flag once in one snake_case spelling, each default
+at most once, no empty defaults, examples at the end, nothing outside the repository."""
 
 import importlib
 import re
@@ -47,3 +47,17 @@ def test_help_lists_each_flag_once_with_one_default(name, capsys):
     assert re.search(r"\nexamples:\n( {4}python .*\n?)", text), f"{name}: no examples at the end of --help"
     assert text.rstrip().splitlines()[-1].startswith("    "), f"{name}: examples are not the last thing"
     assert "../" not in text and "/work/" not in text  # no path outside the repository
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_help_is_short_and_each_flag_has_one_snake_case_spelling(name, capsys):
+    script = importlib.import_module(name)
+    with pytest.raises(SystemExit):
+        script.main(["--help"])
+    text = capsys.readouterr().out
+    assert len(text.splitlines()) <= 100, f"{name}: --help is {len(text.splitlines())} lines"
+    for action in script.build_parser()._actions:
+        if action.option_strings and action.dest != "help":
+            assert len(action.option_strings) == 1, f"{name}: {action.option_strings} has more than one spelling"
+            assert "-" not in action.option_strings[0][2:], f"{name}: {action.option_strings[0]} is not snake_case"
+    assert not re.search(r"^  --\w+, --", text, re.M), f"{name}: a flag listed with an alias"

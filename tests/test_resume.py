@@ -163,7 +163,7 @@ def test_prompt_over_the_context_is_a_failed_record_and_the_run_goes_on(tiny, ca
 
 def test_n_samples_token_counts_sum_like_openai(tiny, capsys):
     write_prompts(count=2)
-    code, _, err = run_main(capsys, *base_args(tiny, "--temperature", "1", "--n", "3", "--max_new_tokens", "6"))
+    code, _, err = run_main(capsys, *base_args(tiny, "--temperature", "1", "--num_return_sequences", "3", "--max_new_tokens", "6"))
     assert code == 0, err
     for record in read_jsonl("gen.jsonl"):
         assert len(record["samples"]) == 3

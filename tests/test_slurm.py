@@ -221,7 +221,7 @@ def runs_in_log(log: str) -> list[str]:
     ({}, [], "MODEL_NAME_OR_PATH INPUT_FILE"),
     ({"MODEL_NAME_OR_PATH": "base"}, [], "INPUT_FILE"),
     ({"INPUT_FILE": "prompts.jsonl"}, ["--batch_size", "4"], "MODEL_NAME_OR_PATH"),
-    ({}, ["--model-name-or-path=base"], "INPUT_FILE"),
+    ({}, ["--model_name_or_path=base"], "INPUT_FILE"),
 ])
 def test_missing_required_settings_exit_2_with_usage(env, args, missing):
     proc = subprocess.run(["bash", str(JOB_SCRIPT), *args], capture_output=True, text=True, timeout=60,
