@@ -6,18 +6,16 @@ route's reader, or ``reformat_results.py`` refuses them (and ``--compare`` too).
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
 import create_batchinput
-import reformat_results
 from datagen import prompts
 from datagen.result_requests import body_prompt
 from tests.test_generate_data_finetuned import run_main, tiny  # noqa: F401
-from tests.util import files_in, read_jsonl, write_jsonl
+from tests.test_runs import refused, run  # the one error line of a refusal: exit 1, nothing written
+from tests.util import copy_files, read_jsonl, write_jsonl
 
-PREFIX = "reformat_results.py: error: "
 IDS = [f"q{i}" for i in range(4)]
 TEMPLATE = r"Question: {question}\nAnswer:"
 SYSTEM = r"You answer\nbriefly."
@@ -80,29 +78,8 @@ def made(tiny, tmp_path_factory):  # noqa: F811
 
 @pytest.fixture
 def here(made, tmp_path, monkeypatch):
-    for path in made.iterdir():
-        if path.is_file():
-            shutil.copy(path, tmp_path / path.name)
     monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
-def run(capsys, *args):
-    code = reformat_results.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def refused(folder, capsys, *args) -> str:
-    """The one error line of a refusal: exit 1, nothing written."""
-    before = files_in(folder)
-    code, _, err = run(capsys, *args)
-    assert code == 1, err
-    assert files_in(folder) == before
-    assert "Traceback" not in err
-    line = err.strip().splitlines()[-1]
-    assert line.startswith(PREFIX)
-    return line[len(PREFIX):]
+    return copy_files(made, tmp_path)
 
 
 def test_every_record_says_what_it_asked_failed_ones_too(here):

@@ -132,13 +132,19 @@ def test_local_server_stores_and_returns_metadata(server):
 # --- --retry_failed keeps the original ids ------------------------------------------------
 
 
-def test_retry_keeps_the_original_ids_beside_the_retries(api, cli):
+def expired_after_three(api, cli) -> str:
+    """A batch of six whose q0-q2 were answered and q3-q5 expired; its id."""
     write_input(n=6)
     assert cli("--run").rc == 0
     [original] = saved_ids()
     api.step(original, 2)
-    api.expire(original)  # q0-q2 answered, q3-q5 expired
+    api.expire(original)
     assert cli("--wait").rc == 4
+    return original
+
+
+def test_retry_keeps_the_original_ids_beside_the_retries(api, cli):
+    original = expired_after_three(api, cli)
     retry = cli("--retry_failed", "retry.jsonl")
     assert retry.rc == 0 and "keeps the 1 original batch id(s)" in retry.out
     digest = hashlib.sha256(Path("retry.jsonl").read_bytes()).hexdigest()
@@ -296,12 +302,7 @@ def test_results_without_a_sidecar_must_answer_the_model_asked_for(api, cli, cap
 
 
 def test_retry_results_belong_to_the_original_input(api, cli, capsys):
-    write_input(n=6)
-    assert cli("--run").rc == 0
-    [original] = saved_ids()
-    api.step(original, 2)
-    api.expire(original)  # q0-q2 answered, q3-q5 expired
-    assert cli("--wait").rc == 4
+    original = expired_after_three(api, cli)
     assert cli("--retry_failed", "retry.jsonl").rc == 0
     assert cli("--run", "--file", "retry.jsonl", "--wait", "--download", "retried.jsonl").rc == 0
     [retried] = [i for i in saved_ids() if i != original]

@@ -12,7 +12,7 @@ import pytest
 import reformat_results
 from tests.reformat_fixtures import batch_line, chat_body, expired_line, ft_line, ok_line
 from tests.test_generate_data_finetuned import run_main, tiny  # noqa: F401
-from tests.util import files_in, read_jsonl, write_jsonl
+from tests.util import copy_files, files_in, read_jsonl, write_jsonl
 
 GPT = "gpt-4o-mini-2024-07-18"
 IDS = [f"p{i}" for i in range(4)]
@@ -76,13 +76,8 @@ class _NoCapture:
 
 @pytest.fixture
 def gen(generated, tmp_path, monkeypatch):
-    import shutil
-
-    for path in generated.iterdir():
-        if path.is_file():
-            shutil.copy(path, tmp_path / path.name)
     monkeypatch.chdir(tmp_path)
-    return tmp_path
+    return copy_files(generated, tmp_path)
 
 
 def test_generated_records_carry_their_run_name(gen):

@@ -39,3 +39,13 @@ def write_jsonl(path, rows) -> Path:
 def files_in(folder) -> list[str]:
     """Every file name in a folder, temporary ones included (for 'no partial output')."""
     return sorted(p.name for p in Path(folder).iterdir())
+
+
+def copy_files(source: Path, target: Path) -> Path:
+    """Copy the plain files of ``source`` (a module-scoped fixture's folder) into ``target``."""
+    import shutil
+
+    for path in source.iterdir():
+        if path.is_file():
+            shutil.copy(path, target / path.name)
+    return target
