@@ -33,8 +33,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from datagen.batchfile import CHAT, estimate_tokens, part_path  # noqa: E402
-from datagen.cli import number as finite_number  # noqa: E402
+from datagen.batchapi.batchfile import CHAT, part_path  # noqa: E402
+from datagen.batchapi.estimates import estimate_tokens  # noqa: E402
+from datagen.common.cli import number as finite_number  # noqa: E402
 from datagen.local_batch_server import LocalBatchServer  # noqa: E402
 
 WORDS = ("alpha beta gamma delta model token batch queue limit answer question river mountain "
@@ -64,7 +65,8 @@ def write_parts(folder: Path, requests: int, parts: int, seed: int = 0) -> list[
 def run_client(folder: Path, base_url: str, poll: float) -> tuple[subprocess.CompletedProcess, float, float, float]:
     """The command in a subprocess: (result, wall s, CPU s, peak RSS MB) of that process alone."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    env = {**os.environ, "OPENAI_BASE_URL": base_url, "OPENAI_API_KEY": KEY, "DATAGEN_PROGRESS_INTERVAL": "10"}
+    env = {**os.environ, "OPENAI_BASE_URL": base_url, "OPENAI_API_KEY": KEY, "DATAGEN_PROGRESS_INTERVAL": "10",
+           "DATAGEN_CACHE_DIR": str(folder / "cache")}  # never the user's answer cache
     start = time.perf_counter()
     result = subprocess.run([sys.executable, str(ROOT / "batch_utils.py"), "--run", "--wait", "--download",
                              "results.jsonl", "--poll_interval", str(poll)], cwd=folder, env=env,

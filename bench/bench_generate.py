@@ -15,14 +15,14 @@ base + adapter:
   original research scripts did;
 - (b) ``transformers.pipeline("text-generation", batch_size=B)`` on the ``PeftModel``
   with ``do_sample=False`` (the pipeline samples by default);
-- (c) this suite's Hugging Face engine (``datagen.engine_hf`` through ``datagen.generation``)
+- (c) this suite's Hugging Face engine (``datagen.finetuned.engine_hf`` through ``datagen.finetuned.generation``)
   as ``generate_data_finetuned.py`` runs it by default (``--batch_size B``,
   ``--max_batch_tokens auto``): adapter merged, prompts sorted by length into batches of B
   rows of the longest prompts and as many shorter ones as fit the same token budget (so no
   batch holds a larger KV cache than the pipeline's worst batch of B), left padding, one
   ``model.generate`` call per batch, records appended to a file as a run would.
 
-- (d) the same run on the vLLM engine (``datagen.engine_vllm``), when vLLM is installed
+- (d) the same run on the vLLM engine (``datagen.finetuned.engine_vllm``), when vLLM is installed
   (``make vllm``) and takes the model (its CPU build needs a head size of 32 or more:
   ``--hidden 256``): the adapter unmerged (vLLM applies LoRA per request), the same
   whole workload handed to vLLM's scheduler as one stream. Its text is the tokenizer's
@@ -101,12 +101,13 @@ def with_pipeline(pipe, prompts, max_new_tokens, batch_size):
 def with_engine(make_engine, prompts, max_new_tokens, out_path):
     """A run of ``generate_data_finetuned.py``'s kind on the engine ``make_engine()`` gives
     (a fresh Hugging Face engine each run, so its batch counters are this run's)."""
-    from datagen import generation, inputs
+    from datagen.finetuned import generation, inputs
+    from datagen.common.params import GenParams
 
     engine = make_engine()
     requests = [inputs.Request(f"r{i}", i, f"prompt {i}", text=p, raw=True) for i, p in enumerate(prompts)]
     out_path.unlink(missing_ok=True)
-    stats = generation.run_generation(engine, requests, out_path, inputs.Overrides(temperature=0, max_new_tokens=max_new_tokens),
+    stats = generation.run_generation(engine, requests, out_path, GenParams(temperature=0, max_tokens=max_new_tokens),
                                       show_progress=False)
     with open(out_path, encoding="utf-8") as handle:
         by_id = {r["custom_id"]: r for r in map(json.loads, handle)}
@@ -115,8 +116,8 @@ def with_engine(make_engine, prompts, max_new_tokens, out_path):
 
 def start_vllm(base, adapter, dtype: str, context: int, gpu: bool):
     """The vLLM engine on the same base and adapter, or (None, why not)."""
-    from datagen import engine_vllm
-    from datagen.errors import UserError
+    from datagen.finetuned import engine_vllm
+    from datagen.common.errors import UserError
 
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines would bury the table
     if not gpu:  # vLLM's CPU build: a small KV cache, every core for the model
@@ -182,7 +183,8 @@ def main(argv=None) -> int:
     import transformers
     from peft import PeftModel
 
-    from datagen import engine_hf, hf_model, tinymodel
+    from datagen.finetuned import engine_hf, hf_model
+    from datagen import tinymodel
 
     warnings.filterwarnings("ignore")
     transformers.utils.logging.set_verbosity_error()

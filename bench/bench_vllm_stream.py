@@ -85,15 +85,16 @@ def plain_run(llm, tokenizer, batch_input: Path, lora, out_path: Path) -> tuple[
 
 def our_run(engine, batch_input: Path, outputs: dict) -> tuple[int, dict]:
     """generate_data_finetuned.py's run with its defaults, on an engine already started."""
-    from datagen import generation, inputs
+    from datagen.finetuned import generation, inputs
+    from datagen.common.params import GenParams
 
     for path in outputs.values():
         Path(path).unlink(missing_ok=True)
-    overrides = inputs.Overrides()
+    command_line = GenParams()  # no flags: each batch line's own parameters
     honoured = inputs.ENGINE_FIELDS["vllm"]
-    ids, _ = inputs.check_requests(batch_input, overrides=overrides, honoured=honoured)
+    ids, _ = inputs.check_requests(batch_input, command_line=command_line, honoured=honoured)
     stats = generation.run_generation(engine, lambda: inputs.iter_shard(batch_input, honoured=honoured), outputs,
-                                      overrides, ids=ids, show_progress=False)
+                                      command_line, ids=ids, show_progress=False)
     texts = {adapter: {r["custom_id"]: r["generated_text"] for r in map(json.loads, open(path, encoding="utf-8"))}
              for adapter, path in outputs.items()}
     return stats.completion_tokens, texts
@@ -158,7 +159,8 @@ def main(argv=None) -> int:
     from vllm import LLM
     from vllm.lora.request import LoRARequest
 
-    from datagen import engine_vllm, tinymodel
+    from datagen.finetuned import engine_vllm
+    from datagen import tinymodel
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

@@ -34,7 +34,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from datagen.cli import setup_hint
+from datagen.common.cli import setup_hint
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = "examples/prompts.jsonl"

@@ -29,7 +29,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from datagen.cli import setup_hint
+from datagen.common.cli import setup_hint
 
 ARCHS = ("llama", "qwen2", "gpt2")
 # Modules a LoRA adapter targets, per architecture (the usual choices for each).

@@ -1,5 +1,6 @@
 """Every test runs in its own empty working directory with a clean environment:
-no API key, no base URL, no SLURM variables, the Hugging Face hubs offline."""
+no API key, no base URL, no SLURM variables, the Hugging Face hubs offline, and an answer
+cache of its own beside that directory (never the user's ~/.cache)."""
 
 import pytest
 
@@ -17,4 +18,5 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("DATAGEN_CACHE_DIR", str(tmp_path.parent / f"{tmp_path.name}-cache"))
     yield tmp_path

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from datagen import inputs, tinymodel
-from datagen.errors import UserError
+from datagen.finetuned import inputs
+from datagen import tinymodel
+from datagen.common.errors import UserError
 from tests.test_generate_data_finetuned import error_line, run_main, tiny, write_prompts  # noqa: F401
 from tests.util import files_in, read_jsonl
 
@@ -36,7 +37,7 @@ def test_two_adapters_and_the_base_in_one_run_answer_as_each_alone(tiny, second,
     alone = {}
     for name, extra in (("first", ["--adapter_path", tiny["adapter"]]), ("ckpt-2", ["--adapter_path", second]),
                         ("base", [])):
-        assert run_main(capsys, *common(tiny, f"alone-{name}.jsonl"), *extra)[0] == 0
+        assert run_main(capsys, *common(tiny, f"alone-{name}.jsonl"), *extra, "--no_cache")[0] == 0
         alone[name] = texts(f"alone-{name}.jsonl")
         assert texts(f"gen.{name}.jsonl") == alone[name]
     assert alone["first"] != alone["ckpt-2"] != alone["base"]
@@ -130,7 +131,7 @@ def write_conversations(count=4):
 def test_an_adapter_with_its_own_chat_template_renders_with_it(tiny, own_template, capsys):  # noqa: F811
     import transformers
 
-    from datagen import records
+    from datagen.finetuned import records
 
     texts_in = write_conversations()
     code, out, err = run_main(capsys, *common(tiny), "--adapter_path", f"own={own_template}",

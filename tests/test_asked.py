@@ -9,9 +9,9 @@ import json
 
 import pytest
 
-import create_batchinput
-from datagen import prompts
-from datagen.result_requests import body_prompt
+from datagen.batchapi import create_batchinput
+from datagen.common import prompts
+from datagen.results.requests import body_prompt
 from tests.test_generate_data_finetuned import run_main, tiny  # noqa: F401
 from tests.test_runs import refused, run  # the one error line of a refusal: exit 1, nothing written
 from tests.util import copy_files, read_jsonl, write_jsonl

@@ -13,10 +13,10 @@ import stat
 
 import pytest
 
-import batch_utils
-import create_batchinput
-import generate_data_finetuned
-import reformat_results
+from datagen.batchapi import batch_utils
+from datagen.batchapi import create_batchinput
+from datagen.finetuned import generate_data_finetuned
+from datagen.results import reformat_results
 from tests.test_generate_data_finetuned import tiny  # noqa: F401  (the tiny models fixture)
 from tests.util import files_in, write_jsonl
 

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from datagen.batch_queue import RESUBMIT_PER_FINISH
-from datagen.batchfile import estimate_tokens, part_path, usd
+from datagen.batchapi.batch_queue import RESUBMIT_PER_FINISH
+from datagen.batchapi.batchfile import part_path
+from datagen.batchapi.estimates import estimate_tokens, usd
 from datagen.local_batch_server import LocalBatchServer
 from tests.test_batch_utils import CHAT, KEY, cli, write_key  # noqa: F401 (fixture)
 from tests.util import ROOT, files_in, read_jsonl, write_jsonl

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-import batch_utils
+from datagen.batchapi import batch_utils
 from datagen.local_batch_server import LocalBatchServer
 from tests.util import ROOT, files_in, read_jsonl, write_jsonl
 
@@ -429,7 +429,8 @@ def test_download_while_in_progress(api, cli):
     result = cli("--download", "results.jsonl")
     assert result.rc == 1
     assert "is in_progress (2/4 requests done); nothing to download yet: wait for it with --wait" in result.error_line
-    assert sorted(files_in(".")) == ["batchinput.jsonl", "last_batch_id.history.jsonl", "last_batch_id.tok", "openai.tok"]
+    assert sorted(files_in(".")) == ["batchinput.jsonl", "last_batch_id.history.jsonl", "last_batch_id.manifest.json",
+                                     "last_batch_id.tok", "openai.tok"]  # every --run keeps its manifest
 
 
 @pytest.mark.parametrize("lines, message", [
@@ -514,14 +515,15 @@ def test_numbers_that_are_not_numbers_are_refused_before_any_upload(api, cli, ar
 def test_every_script_refuses_non_finite_float_flags(capsys, script, args, message):
     import importlib
 
-    module = importlib.import_module(script[:-3])
+    package = {"create_batchinput.py": "datagen.batchapi", "generate_data_finetuned.py": "datagen.finetuned"}
+    module = importlib.import_module(f"{package[script]}.{script[:-3]}")  # the root scripts are thin shims
     with pytest.raises(SystemExit) as exit_info:
         module.build_parser().parse_args(args)
     assert exit_info.value.code == 2 and f"{script}: error: {message}" in capsys.readouterr().err
 
 
 def test_local_stand_in_refuses_a_non_finite_step(capsys):
-    from datagen.local_batch_server import main as server_main
+    from datagen.local_batch_server.__main__ import main as server_main
 
     with pytest.raises(SystemExit) as exit_info:
         server_main(["--step_seconds", "nan"])
@@ -530,8 +532,9 @@ def test_local_stand_in_refuses_a_non_finite_step(capsys):
 
 
 def test_cost_guard_never_passes_a_nan_estimate():
-    from datagen.batch_queue import Part, check_cost
-    from datagen.errors import UserError
+    from datagen.batchapi.batch_state import Part
+    from datagen.batchapi.estimates import check_cost
+    from datagen.common.errors import UserError
 
     parts = [Part("a.jsonl", "0" * 64, 1, 10, 10, "m", CHAT)]
     with pytest.raises(UserError, match="give finite prices and cap"):
@@ -543,7 +546,7 @@ def test_cost_guard_never_passes_a_nan_estimate():
 
 def test_cost_cap_holds_on_text_that_is_not_english(api, cli):
     """chars / 4 would estimate 1,000 CJK characters at 250 tokens, a quarter of the bill."""
-    from datagen.batchfile import input_tokens
+    from datagen.batchapi.estimates import input_tokens
 
     assert input_tokens({"prompt": "abcd" * 10}) == 10 and input_tokens({"prompt": "日本語の文章"}) == 6
     schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}

@@ -10,14 +10,14 @@ import stat
 
 import pytest
 
-from datagen import cli
-from datagen.cli import (Terminated, check_output_path, describe_os_error, held_signals, make_parser, run,
+from datagen.common import cli, files, signals
+from datagen.common.cli import (Terminated, check_output_path, describe_os_error, held_signals, make_parser, run,
                          set_interrupt_hint)
-from datagen.errors import UserError
+from datagen.common.errors import UserError
 
 
 def test_progress_in_a_log_file_prints_plain_lines_once(monkeypatch, capsys):
-    from datagen.cli import progress
+    from datagen.common.cli import progress
 
     monkeypatch.setenv("DATAGEN_PROGRESS_INTERVAL", "0")
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
@@ -72,7 +72,7 @@ def test_a_real_signal_becomes_one_line_with_the_hint(capsys, signum, code, word
     assert capsys.readouterr().err == f"tool.py: {words}; kept 3 records in out.jsonl; rerun the same command to resume\n"
     assert cleaned == [True]
     assert {s: signal.getsignal(s) for s in before} == before  # handlers put back
-    assert cli._hint == cli.DEFAULT_HINT
+    assert signals.hint_text() == signals.DEFAULT_HINT
 
 
 def test_terminated_is_not_an_exception_so_cleanup_code_sees_it():
@@ -145,7 +145,7 @@ def test_disk_full_names_the_path_and_the_space_left(tmp_path):
     assert message.startswith(f"{tmp_path / 'out.jsonl'}: no space left on device (")
     assert f"free in {tmp_path}); free space there or write elsewhere" in message
     free = shutil.disk_usage(tmp_path).free
-    assert cli._size(free) in message
+    assert files._size(free) in message
     quota = describe_os_error(OSError(errno.EDQUOT, "Disk quota exceeded", str(tmp_path / "x")))
     assert quota.startswith(f"{tmp_path / 'x'}: disk quota exceeded (")
     assert describe_os_error(OSError(errno.EROFS, "Read-only file system"), "/mnt/x") == (
@@ -178,8 +178,8 @@ def test_check_output_path_takes_a_link_to_a_regular_file(tmp_path):
 
 def test_a_stop_string_that_starts_with_a_dash(tmp_path, capsys):
     """--stop '---' (argparse alone takes '---' for a flag) reaches the body on both routes."""
-    import create_batchinput
-    import generate_data_finetuned
+    from datagen.batchapi import create_batchinput
+    from datagen.finetuned import generate_data_finetuned
     from tests.util import read_jsonl, write_jsonl
 
     write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}])

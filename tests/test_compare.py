@@ -7,7 +7,7 @@ import csv
 
 import pytest
 
-import reformat_results
+from datagen.results import reformat_results
 from tests.reformat_fixtures import (batch_line, chat_body, chat_body_n, expired_line, ft_line, http_error_line,
                                      ok_line)
 from tests.util import files_in, read_jsonl, run_script, write_jsonl
@@ -73,7 +73,7 @@ def test_raw_runs_side_by_side_with_failed_and_missing(tmp_path, capsys):
     assert code == 1
     assert err.strip().splitlines()[-1] == (
         f"reformat_results.py: error: 6 results are missing ({GPT}: 1, base: 3, lora-b: 2); they are the rows "
-        "with status missing in table.jsonl; pass --allow_partial to accept them")
+        "with status missing in table.jsonl; pass --fail_on none to accept them")
     assert read_jsonl("table.jsonl") == expected_wide()
     assert out.splitlines() == [
         f"{GPT}: 3 ok, 1 failed, 1 missing (results.jsonl, results.jsonl.errors.jsonl)",
@@ -81,8 +81,13 @@ def test_raw_runs_side_by_side_with_failed_and_missing(tmp_path, capsys):
         "lora-a: 5 ok, 0 failed, 0 missing (gen.lora-a.jsonl)",
         "lora-b: 3 ok, 0 failed, 2 missing (gen.lora-b.shard-000-of-002.jsonl, gen.lora-b.shard-001-of-002.jsonl)",
         "wrote table.jsonl (5 rows, 5 requests, 4 runs)"]
-    code, _, err = run(capsys, *COMPARE, "--output_file", "table.jsonl", "--allow_partial")
+    code, _, err = run(capsys, *COMPARE, "--output_file", "table.jsonl", "--fail_on", "none")
     assert code == 0, err
+    assert read_jsonl("table.jsonl") == expected_wide()
+    code, _, err = run(capsys, *COMPARE, "--output_file", "table.jsonl", "--fail_on", "missing,error")
+    assert code == 1 and err.strip().splitlines()[-1] == (
+        "reformat_results.py: error: results that fail the run (--fail_on missing,error): 2 failed, 6 missing; "
+        "see the status columns of table.jsonl")
     assert read_jsonl("table.jsonl") == expected_wide()
 
 
@@ -93,10 +98,10 @@ def test_reformatted_runs_give_the_same_table(tmp_path, capsys):
                 ("gen.lora-b.shard-*.jsonl", "r.lora-b.parquet"), ("gen.base.jsonl", "r.base.jsonl")]
     for raw, out in reformat:
         code, _, err = run(capsys, "--input_file", raw, "--batch_input", "batchinput.jsonl", "--output_file", out,
-                           "--keep_fields", "prompt", "--allow_partial")
+                           "--keep_fields", "prompt", "--fail_on", "none")
         assert code == 0, err
     code, _, err = run(capsys, "--compare", "r_openai.jsonl", "r.jsonl", "--batch_input", "batchinput.jsonl",
-                       "--allow_partial", "--output_file", "table.jsonl")
+                       "--fail_on", "none", "--output_file", "table.jsonl")
     assert code == 0, err
     assert read_jsonl("table.jsonl") == expected_wide()
     # Without --batch_input the kept prompt comes from the reformatted files; no exit 1 then,
@@ -110,7 +115,7 @@ def test_long_table_has_a_row_per_request_run_and_sample(tmp_path, capsys):
     import pyarrow.parquet as pq
 
     write_runs()
-    code, _, err = run(capsys, *COMPARE, "--long", "--allow_partial", "--output_file", "long.parquet")
+    code, _, err = run(capsys, *COMPARE, "--long", "--fail_on", "none", "--output_file", "long.parquet")
     assert code == 0, err
     rows = pq.read_table("long.parquet").to_pylist()
     assert len(rows) == 5 * 4 + 2  # request-1's three OpenAI samples
@@ -158,7 +163,7 @@ def test_runs_without_requests_are_joined_in_natural_order(tmp_path, capsys):
 
 def test_compare_runs_as_a_script(tmp_path):
     write_runs()
-    done = run_script("reformat_results.py", *COMPARE, "--output_file", "t.csv", "--allow_partial", cwd=tmp_path)
+    done = run_script("reformat_results.py", *COMPARE, "--output_file", "t.csv", "--fail_on", "none", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "wrote t.csv (5 rows, 5 requests, 4 runs)"
     with open(tmp_path / "t.csv", newline="", encoding="utf-8") as handle:

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-import create_batchinput
+from datagen.batchapi import create_batchinput
+from datagen.batchapi.estimates import input_tokens
 from tests.test_prompts import KINDS, ROWS, write_kind
 from tests.util import files_in, read_jsonl, run_script, write_jsonl
 
@@ -138,7 +139,7 @@ def test_split_by_bytes_keeps_every_part_under_the_limit(tmp_path, capsys):
 
 
 def test_split_by_estimated_tokens(tmp_path, capsys):
-    from datagen.batchfile import estimate_tokens
+    from datagen.batchapi.estimates import estimate_tokens
 
     path = many_prompts(tmp_path, 20)  # "prompt number 0" .. "prompt number 19"
     code, out, _ = run(capsys, "--input_file", path, "--model_name", MODEL, "--max_tokens", "20",
@@ -185,7 +186,7 @@ def test_dry_run_prints_counts_tokens_and_cost_and_writes_nothing(tmp_path, caps
     assert code == 0
     assert files_in(tmp_path) == ["many.jsonl"]
     assert "would write batchinput.part-001.jsonl: 4 requests" in out
-    tokens = create_batchinput.approx_tokens({"messages": [{"role": "user", "content": "prompt number 0"}]})
+    tokens = input_tokens({"messages": [{"role": "user", "content": "prompt number 0"}]})
     assert tokens == -(-(len("prompt number 0") + 16) // 4)
     assert f"total: 10 requests in 3 file(s), about {10 * tokens} input tokens" in out
     assert "output: at most 2,000 output tokens (the cap: --max_tokens 100 x n 2 per request)" in out

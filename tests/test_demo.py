@@ -3,6 +3,8 @@
 import csv
 import json
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -55,3 +57,38 @@ def test_demo_runs_both_routes_end_to_end(tmp_path):
     assert again.returncode == 0, again.stderr
     with open(work / "compare.csv", newline="", encoding="utf-8") as handle:
         assert list(csv.DictReader(handle)) == table
+
+
+def help_examples(script: str) -> list[list[str]]:
+    """The example commands at the end of a script's --help, as argument lists."""
+    text = subprocess.run([sys.executable, str(ROOT / f"{script}.py"), "--help"], capture_output=True, text=True,
+                          check=True).stdout
+    commands, current = [], ""
+    for line in text[text.index("\nexamples:\n"):].splitlines()[2:]:
+        current += line.strip()
+        if current.endswith("\\"):
+            current = current[:-1] + " "
+            continue
+        commands.append(shlex.split(current, comments=True))
+        current = ""
+    return commands
+
+
+def test_help_examples_run_as_printed_after_make_demo(tmp_path):
+    """In a folder holding examples/ and what make demo wrote (demo/), every example of
+    create_batchinput.py, generate_data_finetuned.py and reformat_results.py runs as printed
+    (batch_utils.py's need the API: they are checked by their parser in test_help)."""
+    shutil.copytree(ROOT / "examples", tmp_path / "examples")
+    demo = subprocess.run([sys.executable, "-m", "datagen.demo", "--workdir", str(tmp_path / "demo")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
+    ran = 0
+    for script in ("create_batchinput", "generate_data_finetuned", "reformat_results"):
+        for command in help_examples(script):
+            assert command[:2] == ["python", f"{script}.py"], command
+            done = subprocess.run([sys.executable, str(ROOT / command[1]), *command[2:]], cwd=tmp_path,
+                                  capture_output=True, text=True, timeout=600)
+            assert done.returncode == 0, (command, done.stderr[-3000:])
+            ran += 1
+    assert ran >= 9
+    assert (tmp_path / "generations.jsonl").is_file() and (tmp_path / "table.csv").is_file()

@@ -1,4 +1,4 @@
-"""The vLLM engine (``datagen.engine_vllm``) on CPU, against the Hugging Face engine.
+"""The vLLM engine (``datagen.finetuned.engine_vllm``) on CPU, against the Hugging Face engine.
 
 One vLLM engine serves the whole module (start-up takes about 35 s): a tiny Llama model
 with head size 64 (vLLM's CPU kernels refuse 16), two LoRA adapters and the base. Greedy
@@ -20,15 +20,17 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from datagen import engine_hf, engine_vllm, generation, hf_model, inputs, records, tinymodel
-from datagen import prompts as prompts_module
-from datagen.engine import GenParams, Job, RequestRejected, request_seed
-from datagen.errors import UserError
+from datagen.finetuned import engine_hf, engine_vllm, generation, hf_model, inputs, records
+from datagen import tinymodel
+from datagen.common import prompts as prompts_module
+from datagen.common.params import GenParams
+from datagen.finetuned.engine import Job, RequestRejected, request_seed
+from datagen.common.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 HIDDEN, LAYERS = 256, 2  # 4 heads of 64
 CONTEXT = 512
-GREEDY = GenParams(max_new_tokens=24)
+GREEDY = GenParams(temperature=0, max_tokens=24).effective()  # as a request answered greedily has them
 WORDS = "the capital of france is paris write a haiku about autumn leaves river blue sky seven plus five".split()
 
 
@@ -154,7 +156,7 @@ def test_stop_strings_cut_like_hf(vllm_engine, hf_engine):
     prompts = prompt_ids(vllm_engine.tokenizer, 6, seed=6)
     plain = answers(hf_engine, prompts, GREEDY, ["a"] * 6)
     stop = next(m.group() for row in plain for m in re.finditer(r"[a-z]{3}", row[0].text[4:]))
-    params = GenParams(max_new_tokens=24, stop=(stop,))
+    params = GenParams(temperature=0, max_tokens=24, stop=(stop,)).effective()
     want = answers(hf_engine, prompts, params, ["a"] * 6)
     assert any(row[0].finish_reason == "stop" and row[0].completion_tokens < 24 for row in want)
     got = answers(vllm_engine, prompts, params, ["a"] * 6)
@@ -165,7 +167,7 @@ def test_sampling_depends_on_the_request_seed_only(vllm_engine):
     """A request samples the same way alone (a window of one job) as among 23 others of mixed
     lengths, adapters and the base (the default window), and its two samples differ."""
     prompts = prompt_ids(vllm_engine.tokenizer, 24, seed=2)
-    params = GenParams(max_new_tokens=16, do_sample=True, temperature=1.0, top_p=0.95, num_return_sequences=2)
+    params = GenParams(max_tokens=16, do_sample=True, temperature=1.0, top_p=0.95, n=2).effective()
     rows = ["a", None, "b"] * 8
     together = answers(vllm_engine, prompts, params, rows, seed=7)
     vllm_engine.window = 1
@@ -185,7 +187,7 @@ def test_sampling_depends_on_the_request_seed_only(vllm_engine):
 
 def test_logprobs_in_openai_shape(vllm_engine):
     prompt = prompt_ids(vllm_engine.tokenizer, 1, seed=3)
-    (sample,), = answers(vllm_engine, prompt, GenParams(max_new_tokens=6, logprobs=True, top_logprobs=3), [None])
+    (sample,), = answers(vllm_engine, prompt, GenParams(temperature=0, max_tokens=6, logprobs=True, top_logprobs=3).effective(), [None])
     assert len(sample.logprobs) == sample.completion_tokens
     for position in sample.logprobs:
         assert set(position) == {"token", "logprob", "top_logprobs"} and position["logprob"] <= 0
@@ -200,13 +202,14 @@ def test_json_schema_output_parses_and_matches(vllm_engine):
                                                "colour": {"enum": ["red", "green", "blue"]}},
               "required": ["answer", "colour"], "additionalProperties": False}
     prompts = prompt_ids(vllm_engine.tokenizer, 3, seed=4)
-    params = GenParams(max_new_tokens=96, json_schema=json.dumps(schema, sort_keys=True, separators=(",", ":")))
+    params = GenParams(temperature=0, max_tokens=96,
+                       response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}).effective()
     for (sample,) in answers(vllm_engine, prompts, params, ["a", None, "b"]):
         assert sample.finish_reason == "stop", sample.text
         jsonschema.validate(json.loads(sample.text), schema)
     # "{}" (response_format json_object): any object. A random model's free-text key may
     # outrun max_tokens, so only its start is certain.
-    (sample,), = answers(vllm_engine, prompts[:1], GenParams(max_new_tokens=16, json_schema="{}"), [None])
+    (sample,), = answers(vllm_engine, prompts[:1], GenParams(temperature=0, max_tokens=16, response_format={"type": "json_object"}).effective(), [None])
     assert sample.text.startswith("{")
     assert sample.finish_reason == "length" or isinstance(json.loads(sample.text), dict)
 
@@ -215,10 +218,10 @@ def test_a_schema_vllm_refuses_is_a_failed_record_and_the_rest_are_done(vllm_eng
     """A request vLLM refuses (a JSON schema it cannot compile) does not end the run: it
     becomes a failed record, the others are answered."""
     requests = requests_for(vllm_engine.tokenizer, 3)
-    requests[1].params = {"json_schema": json.dumps({"type": "no-such-type"})}
+    requests[1].asked = GenParams(response_format={"type": "json_schema", "json_schema": {"schema": {"type": "no-such-type"}}})
     out = tmp_path / "gen.jsonl"
     stats = generation.run_generation(vllm_engine, requests, {None: out},
-                                      inputs.Overrides(temperature=0, max_new_tokens=6), show_progress=False)
+                                      GenParams(temperature=0, max_tokens=6), show_progress=False)
     by_id = {r["custom_id"]: r for r in read(out)}
     assert list(by_id) == [r.custom_id for r in requests]
     assert stats.failed == {"invalid_request": 1}
@@ -239,7 +242,7 @@ def read(path: Path) -> list[dict]:
 def test_an_adapter_with_its_own_chat_template_on_both_engines(vllm_engine, hf_engine, models, tmp_path):
     """The adapter's template renders its prompts and its tokenizer decodes its answers, on
     both engines alike: the same token ids in, the same answers out."""
-    from datagen import records
+    from datagen.finetuned import records
 
     texts = [" ".join(WORDS[i:i + 6]) for i in range(4)]
     conversations = [inputs.Request(f"c{i}", i, f"prompts.jsonl:{i + 1}", messages=[{"role": "user", "content": t}])
@@ -247,7 +250,7 @@ def test_an_adapter_with_its_own_chat_template_on_both_engines(vllm_engine, hf_e
     made = {}
     for name, engine in (("vllm", vllm_engine), ("hf", hf_engine)):
         outputs = {"own": tmp_path / f"{name}.own.jsonl", "a": tmp_path / f"{name}.a.jsonl"}
-        generation.run_generation(engine, conversations, outputs, inputs.Overrides(temperature=0, max_new_tokens=8),
+        generation.run_generation(engine, conversations, outputs, GenParams(temperature=0, max_tokens=8),
                                   show_progress=False)
         made[name] = {adapter: read(path) for adapter, path in outputs.items()}
     tokenizer = vllm_engine.tokenizer_for("own")
@@ -267,7 +270,7 @@ def test_run_generation_writes_every_id_once_per_output(vllm_engine, tmp_path):
     requests = requests_for(vllm_engine.tokenizer, 10)
     outputs = {"a": tmp_path / "gen.a.jsonl", "b": tmp_path / "gen.b.jsonl", None: tmp_path / "gen.base.jsonl"}
     stats = generation.run_generation(vllm_engine, requests, outputs,
-                                      inputs.Overrides(temperature=0, max_new_tokens=8), show_progress=False)
+                                      GenParams(temperature=0, max_tokens=8), show_progress=False)
     assert stats.done == 30 and not stats.failed
     for adapter, path in outputs.items():
         lines = read(path)
@@ -285,15 +288,15 @@ def test_shards_partition_the_requests(vllm_engine, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
     options = prompts_module.PromptOptions(id_field="id")
-    overrides = inputs.Overrides(temperature=0, max_new_tokens=6)
+    command_line = GenParams(temperature=0, max_tokens=6)
     whole = tmp_path / "whole.jsonl"
-    generation.run_generation(vllm_engine, list(inputs.iter_shard(prompts, options)), {None: whole}, overrides,
+    generation.run_generation(vllm_engine, list(inputs.iter_shard(prompts, options)), {None: whole}, command_line,
                               show_progress=False)
     shards = []
     for k in range(2):
         path = inputs.shard_path(tmp_path / "gen.jsonl", k, 2)
         generation.run_generation(vllm_engine, list(inputs.iter_shard(prompts, options, shard_index=k, num_shards=2)),
-                                  {None: path}, overrides, show_progress=False)
+                                  {None: path}, command_line, show_progress=False)
         shards.append(read(path))
     assert [[r["custom_id"] for r in shard] for shard in shards] == [[f"p{i}" for i in range(k, 9, 2)] for k in range(2)]
     texts = {r["custom_id"]: r["generated_text"] for r in read(whole)}
@@ -307,7 +310,7 @@ def test_too_long_prompt_is_a_failed_record(vllm_engine, tmp_path):
                 inputs.Request("long", 1, "p:2", text=long_text, raw=True)]
     out = tmp_path / "gen.jsonl"
     stats = generation.run_generation(vllm_engine, requests, {None: out},
-                                      inputs.Overrides(temperature=0, max_new_tokens=8), show_progress=False)
+                                      GenParams(temperature=0, max_tokens=8), show_progress=False)
     assert stats.failed == {"context_length_exceeded": 1}
     short, long = read(out)
     assert short["custom_id"] == "short" and "generated_text" in short
@@ -362,7 +365,7 @@ def test_records_stream_out_and_a_killed_run_resumes_with_the_same_samples(vllm_
     whole = tmp_path.parent / f"{tmp_path.name}.whole.jsonl"
     requests = list(inputs.iter_shard(prompts, prompts_module.PromptOptions()))
     generation.run_generation(vllm_engine, requests, {"a": whole},
-                              inputs.Overrides(temperature=1, seed=3, max_new_tokens=48), show_progress=False)
+                              GenParams(temperature=1, seed=3, max_tokens=48), show_progress=False)
     uninterrupted = read(whole)
     assert len({r["generated_text"] for r in uninterrupted}) > count // 2  # sampled: answers differ
     assert [(r["generated_text"], r["fingerprint"]) for r in uninterrupted] == \
@@ -374,8 +377,8 @@ def test_records_from_before_the_stream_are_refused_on_resume(vllm_engine, tmp_p
     seeds (made before this engine streamed) are not mixed with new ones."""
     requests = requests_for(vllm_engine.tokenizer, 3)
     out = tmp_path / "gen.jsonl"
-    overrides = inputs.Overrides(temperature=0, max_new_tokens=4)
-    generation.run_generation(vllm_engine, requests, {None: out}, overrides, show_progress=False)
+    command_line = GenParams(temperature=0, max_tokens=4)
+    generation.run_generation(vllm_engine, requests, {None: out}, command_line, show_progress=False)
     old = []
     for record in read(out):
         engine = {k: record["engine"][k] for k in ("name", "dtype", "merged")}  # no "decoding": the old key
@@ -385,7 +388,7 @@ def test_records_from_before_the_stream_are_refused_on_resume(vllm_engine, tmp_p
     with pytest.raises(UserError, match=r"3 of the 3 records already there for this input were made differently: "
                                         r"the engine \(its dtype, merge setting, or how it decodes and seeds\) "
                                         r"differs \(3\).*--regenerate_mismatched"):
-        generation.run_generation(vllm_engine, requests, {None: out}, overrides, show_progress=False)
+        generation.run_generation(vllm_engine, requests, {None: out}, command_line, show_progress=False)
     assert read(out) == old  # nothing touched
 
 

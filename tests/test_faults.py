@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from datagen.errors import UserError
-from datagen.results import ResultStore
+from datagen.common.errors import UserError
+from datagen.results.reformat import ResultStore
 from tests.reformat_fixtures import chat_body, ok_line
 from tests.util import ROOT, files_in, run_script
 

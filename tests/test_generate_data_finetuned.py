@@ -1,4 +1,4 @@
-"""generate_data_finetuned.py and datagen.generation, on tiny models built on the spot.
+"""generate_data_finetuned.py and datagen.finetuned.generation, on tiny models built on the spot.
 
 The models are random (gibberish text) but real: the real loading, tokenizing,
 batching, adapter and generation code runs, and nothing is downloaded.
@@ -17,10 +17,12 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-import create_batchinput
-import generate_data_finetuned
-from datagen import engine, engine_hf, generation, hf_model, inputs, records, tinymodel
-from datagen.errors import UserError
+from datagen.batchapi import create_batchinput
+from datagen.finetuned import generate_data_finetuned
+from datagen.finetuned import engine, engine_hf, generation, hf_model, inputs, records
+from datagen import tinymodel
+from datagen.common.errors import UserError
+from datagen.common.params import GenParams
 from tests.util import ROOT, read_jsonl, write_jsonl
 
 RECORD_KEYS = {"custom_id", "generated_text", "finish_reason", "prompt_tokens", "completion_tokens", "source", "run",
@@ -28,6 +30,11 @@ RECORD_KEYS = {"custom_id", "generated_text", "finish_reason", "prompt_tokens", 
                "request_sha256"}
 WORDS = ("the capital of france is paris and what is seven plus five write a haiku about autumn "
          "leaves river mountain blue sky question answer model data").split()
+
+
+def effective(**given) -> GenParams:
+    """Effective parameters of one request, greedy unless told (as ``Request.params_under`` makes them)."""
+    return GenParams(**{"temperature": 0, **given}).effective()
 
 
 def prompt_text(i: int) -> str:
@@ -92,9 +99,9 @@ def error_line(err: str) -> str:
 
 def test_batched_equals_one_at_a_time_greedy(merged, tmp_path):
     batched, single = hf(merged, 5), hf(merged, 1)
-    overrides = inputs.Overrides(temperature=0, max_new_tokens=12)
-    generation.run_generation(batched, requests_for(), tmp_path / "b.jsonl", overrides, show_progress=False)
-    generation.run_generation(single, requests_for(), tmp_path / "s.jsonl", overrides, show_progress=False)
+    command_line = GenParams(temperature=0, max_tokens=12)
+    generation.run_generation(batched, requests_for(), tmp_path / "b.jsonl", command_line, show_progress=False)
+    generation.run_generation(single, requests_for(), tmp_path / "s.jsonl", command_line, show_progress=False)
     assert batched.pad_tokens > 0 and batched.batches == 3  # batches really were padded (left, with the pad fallback)
     assert merged.tokenizer.pad_token == "<unk>" and merged.tokenizer.padding_side == "left"
     assert texts(tmp_path / "b.jsonl") == texts(tmp_path / "s.jsonl")
@@ -104,7 +111,7 @@ def test_batched_equals_one_at_a_time_greedy(merged, tmp_path):
 
 def test_sorted_batches_restore_input_order_and_record_shape(merged, tmp_path):
     out = tmp_path / "o.jsonl"
-    generation.run_generation(hf(merged), requests_for(), out, inputs.Overrides(temperature=0, max_new_tokens=6),
+    generation.run_generation(hf(merged), requests_for(), out, GenParams(temperature=0, max_tokens=6),
                               show_progress=False)
     records = read_jsonl(out)
     assert [r["custom_id"] for r in records] == [f"p{i}" for i in range(12)]
@@ -123,11 +130,11 @@ def test_sorted_batches_restore_input_order_and_record_shape(merged, tmp_path):
 def test_adapter_changes_output_and_merged_equals_unmerged(tiny, merged, tmp_path):
     base = hf_model.load_model(str(tiny["base"]))
     unmerged = hf_model.load_model(str(tiny["base"]), str(tiny["adapter"]), merge=False)
-    overrides = inputs.Overrides(temperature=0, max_new_tokens=10)
+    command_line = GenParams(temperature=0, max_tokens=10)
     outs = {}
     for name, loaded in (("base", base), ("merged", merged), ("unmerged", unmerged)):
         outs[name] = tmp_path / f"{name}.jsonl"
-        generation.run_generation(hf(loaded), requests_for(), outs[name], overrides, show_progress=False)
+        generation.run_generation(hf(loaded), requests_for(), outs[name], command_line, show_progress=False)
     assert texts(outs["merged"]) == texts(outs["unmerged"])
     differ = [k for k, v in texts(outs["base"]).items() if v != texts(outs["merged"])[k]]
     assert len(differ) >= 10  # the adapter changes (nearly) every answer
@@ -160,13 +167,13 @@ def test_chat_template_has_one_bos(merged):
 def test_stop_string_is_cut(merged, tmp_path):
     generator = hf(merged)
     plain = tmp_path / "plain.jsonl"
-    generation.run_generation(generator, requests_for(4), plain, inputs.Overrides(temperature=0, max_new_tokens=16),
+    generation.run_generation(generator, requests_for(4), plain, GenParams(temperature=0, max_tokens=16),
                               show_progress=False)
     record = read_jsonl(plain)[0]
     text = record["generated_text"]
     stop = next(text[i:i + 2] for i in range(3, len(text) - 2) if text.find(text[i:i + 2]) == i)
     cut = tmp_path / "cut.jsonl"
-    generation.run_generation(generator, requests_for(4), cut, inputs.Overrides(temperature=0, max_new_tokens=16, stop=[stop]),
+    generation.run_generation(generator, requests_for(4), cut, GenParams(temperature=0, max_tokens=16, stop=[stop]),
                               show_progress=False)
     got = read_jsonl(cut)[0]
     assert got["generated_text"] == text[:text.find(stop)]
@@ -176,9 +183,9 @@ def test_stop_string_is_cut(merged, tmp_path):
 
 def test_n_samples_reproducible_with_seed(merged, tmp_path):
     generator = hf(merged, 3)
-    overrides = inputs.Overrides(max_new_tokens=8, do_sample=True, temperature=1.5, num_return_sequences=3, seed=7)
+    command_line = GenParams(max_tokens=8, do_sample=True, temperature=1.5, n=3, seed=7)
     for name in ("a.jsonl", "b.jsonl"):
-        generation.run_generation(generator, requests_for(3), tmp_path / name, overrides, show_progress=False)
+        generation.run_generation(generator, requests_for(3), tmp_path / name, command_line, show_progress=False)
     a, b = read_jsonl(tmp_path / "a.jsonl"), read_jsonl(tmp_path / "b.jsonl")
     assert [r["samples"] for r in a] == [r["samples"] for r in b]
     for record in a:
@@ -207,10 +214,10 @@ def test_out_of_memory_halves_the_batch(merged, tmp_path, monkeypatch):
     monkeypatch.setattr(model, "forward", forward_with_little_memory)
     generator = hf(merged, 8)
     stats = generation.run_generation(generator, requests_for(), tmp_path / "oom.jsonl",
-                                      inputs.Overrides(temperature=0, max_new_tokens=6), show_progress=False)
+                                      GenParams(temperature=0, max_tokens=6), show_progress=False)
     monkeypatch.undo()
     generation.run_generation(hf(merged, 8), requests_for(), tmp_path / "ok.jsonl",
-                              inputs.Overrides(temperature=0, max_new_tokens=6), show_progress=False)
+                              GenParams(temperature=0, max_tokens=6), show_progress=False)
     # Halved for the rest of the run: 8 and 4 fail, then all 12 go in batches of 2.
     assert stats.done == 12 and generator.batch_size == 2 and sizes == [8, 4] + [2] * 6
     assert texts(tmp_path / "oom.jsonl") == texts(tmp_path / "ok.jsonl")
@@ -236,10 +243,10 @@ def test_out_of_memory_halves_a_token_budget_too(merged, tmp_path, monkeypatch):
     monkeypatch.setattr(model, "forward", forward_with_little_memory)
     generator = hf(merged, 4, None)
     stats = generation.run_generation(generator, requests_for(), tmp_path / "oom.jsonl",
-                                      inputs.Overrides(temperature=0, max_new_tokens=6), show_progress=False)
+                                      GenParams(temperature=0, max_tokens=6), show_progress=False)
     monkeypatch.undo()
     generation.run_generation(hf(merged, 1), requests_for(), tmp_path / "ok.jsonl",
-                              inputs.Overrides(temperature=0, max_new_tokens=6), show_progress=False)
+                              GenParams(temperature=0, max_tokens=6), show_progress=False)
     assert stats.done == 12 and generator.batch_size <= 2  # auto budget: batch_size rows of the longest, halved too
     assert max(sizes) > 4  # the budget really put more than --batch_size short prompts in a batch
     assert texts(tmp_path / "oom.jsonl") == texts(tmp_path / "ok.jsonl")
@@ -269,12 +276,12 @@ def test_token_budget_batches(merged):
 
 
 def test_token_budget_keeps_greedy_output_and_input_order(merged, tmp_path):
-    overrides = inputs.Overrides(temperature=0, max_new_tokens=10)
+    command_line = GenParams(temperature=0, max_tokens=10)
     for name, budget in (("auto", None), ("explicit", 600)):
         stats = generation.run_generation(hf(merged, 3, budget), requests_for(30), tmp_path / f"{name}.jsonl",
-                                          overrides, show_progress=False)
+                                          command_line, show_progress=False)
         assert stats.done == 30
-    generation.run_generation(hf(merged, 1), requests_for(30), tmp_path / "one.jsonl", overrides,
+    generation.run_generation(hf(merged, 1), requests_for(30), tmp_path / "one.jsonl", command_line,
                               show_progress=False)
     for name in ("auto", "explicit"):
         assert [r["custom_id"] for r in read_jsonl(tmp_path / f"{name}.jsonl")] == [f"p{i}" for i in range(30)]
@@ -305,18 +312,18 @@ def test_stream_batches_each_group_by_the_token_budget(merged, monkeypatch):
     """stream() groups a window's jobs by parameters, sorts each group by length and cuts it
     by the token budget: exactly those batches reach model.generate; every job comes back once."""
     renderer = generation.Renderer(merged.tokenizer)
-    short, longer = engine.GenParams(max_new_tokens=4), engine.GenParams(max_new_tokens=8)
+    short, longer = effective(max_tokens=4), effective(max_tokens=8)
     requests = requests_for(40)
     jobs = [job for i, r in enumerate(requests) for job in _jobs(renderer, [r], short if i % 3 else longer)]
     shapes = _prefills(merged.model, monkeypatch)
     answered = list(hf(merged, 4, None).stream(iter(jobs)))
     monkeypatch.undo()
     planned = [batch for params in (longer, short)  # groups in order of first appearance (job 0 is "longer")
-               for batch in engine_hf.plan_batches([j for j in jobs if j.params == params], 4, params.max_new_tokens, None)]
+               for batch in engine_hf.plan_batches([j for j in jobs if j.params == params], 4, params.max_tokens, None)]
     assert shapes == [(len(b), max(len(j.input_ids) for j in b)) for b in planned]
     assert max(rows for rows, _ in shapes) > 4  # short prompts filled bigger batches within the budget
     assert sorted(job.item for job, _ in answered) == sorted(r.custom_id for r in requests)
-    assert all(len(samples[0].token_ids) <= job.params.max_new_tokens for job, samples in answered)
+    assert all(len(samples[0].token_ids) <= job.params.max_tokens for job, samples in answered)
 
 
 def test_rows_ending_mid_batch_are_cut_at_their_own_eos(merged):
@@ -324,7 +331,7 @@ def test_rows_ending_mid_batch_are_cut_at_their_own_eos(merged):
     own EOS, the same as unbatched."""
     generator = hf(merged)
     batch = [generation.Renderer(merged.tokenizer).encode(r) for r in requests_for(8)]
-    params = engine.GenParams(max_new_tokens=12)
+    params = effective(max_tokens=12)
     counts: dict = {}
     for samples in generator.generate_batch(batch, params):
         for token in set(samples[0].token_ids[1:-1]):
@@ -348,11 +355,11 @@ def test_the_models_generation_config_is_honoured(tiny, tmp_path):
     penalised = tinymodel.build_tiny_model(tmp_path / "penalised", seed=0)
     config_file = Path(penalised) / "generation_config.json"
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "repetition_penalty": 1.3}))
-    overrides = inputs.Overrides(temperature=0, max_new_tokens=12)
+    command_line = GenParams(temperature=0, max_tokens=12)
     loaded = hf_model.load_model(str(penalised))
-    generation.run_generation(hf(loaded), requests_for(4), tmp_path / "p.jsonl", overrides, show_progress=False)
+    generation.run_generation(hf(loaded), requests_for(4), tmp_path / "p.jsonl", command_line, show_progress=False)
     generation.run_generation(hf(hf_model.load_model(str(tiny["base"]))), requests_for(4), tmp_path / "b.jsonl",
-                              overrides, show_progress=False)
+                              command_line, show_progress=False)
     assert texts(tmp_path / "p.jsonl") != texts(tmp_path / "b.jsonl")  # the same weights, penalised
     tok = loaded.tokenizer
     for request in requests_for(4):
@@ -368,15 +375,15 @@ def test_sampled_text_depends_only_on_the_batch_composition(merged):
     same way whatever ran before it and in whatever order its jobs came; another batch
     composition samples differently (the Hugging Face engine's documented limit)."""
     renderer = generation.Renderer(merged.tokenizer)
-    params = engine.GenParams(max_new_tokens=8, do_sample=True, temperature=1.5, top_p=1.0, seed=7,
-                              num_return_sequences=2)
+    params = effective(max_tokens=8, do_sample=True, temperature=1.5, top_p=1.0, seed=7,
+                              n=2)
     requests = requests_for(3)  # prompts of different lengths: one batch order whatever the input order
 
     def answers(generator, jobs):
         return {job.item: [s.text for s in samples] for job, samples in generator.stream(iter(jobs))}
 
     first = answers(hf(merged, 3), _jobs(renderer, requests, params))
-    other = engine.GenParams(max_new_tokens=5, do_sample=True, temperature=1.0, top_p=1.0, seed=1)
+    other = effective(max_tokens=5, do_sample=True, temperature=1.0, top_p=1.0, seed=1)
     again = answers(hf(merged, 3), _jobs(renderer, requests_for(7)[5:], other) + _jobs(renderer, requests[::-1], params))
     assert {custom_id: again[custom_id] for custom_id in first} == first
     assert len({text for samples in first.values() for text in samples}) > 3  # it really samples
@@ -387,7 +394,7 @@ def test_sampled_text_depends_only_on_the_batch_composition(merged):
 def test_cli_max_batch_tokens(tiny, capsys):
     write_prompts(count=10)
     base = ["--model_name_or_path", tiny["base"], "--adapter_path", tiny["adapter"], "--input_file", "prompts.jsonl",
-            "--id_field", "id", "--max_new_tokens", "4", "--batch_size", "2", "--temperature", "0"]
+            "--id_field", "id", "--max_new_tokens", "4", "--batch_size", "2", "--temperature", "0", "--no_cache"]
     outputs = {}
     for value in ("auto", "0", "500"):
         code, out, err = run_main(capsys, *base, "--output_file", f"gen-{value}.jsonl", "--max_batch_tokens", value)
@@ -437,7 +444,7 @@ def test_openai_batch_input_as_input(tiny, capsys):
     records = read_jsonl("gen.jsonl")
     assert [r["custom_id"] for r in records] == [f"p{i}" for i in range(7)]
     assert all(r["generation"]["max_new_tokens"] == 4 and r["completion_tokens"] <= 4 for r in records)
-    # A flag overrides the body; chat lines go through the chat template (one BOS).
+    # A flag command_line the body; chat lines go through the chat template (one BOS).
     code, _, err = run_main(capsys, "--model_name_or_path", tiny["base"], "--input_file", "batchinput.part-001.jsonl",
                             "--output_file", "gen2.jsonl", "--max_new_tokens", "2")
     assert code == 0, err
@@ -647,9 +654,9 @@ def test_streamed_input_in_windows(merged, tmp_path, monkeypatch):
     ids = [f"p{i}" for i in range(12)]
     windowed = hf(merged, window=5)  # the engine sorts 5 jobs at a time
     stats = generation.run_generation(windowed, iter(requests_for()), tmp_path / "w.jsonl",
-                                      inputs.Overrides(temperature=0, max_new_tokens=6), ids=ids, show_progress=False)
+                                      GenParams(temperature=0, max_tokens=6), ids=ids, show_progress=False)
     generation.run_generation(hf(merged), requests_for(), tmp_path / "all.jsonl",
-                              inputs.Overrides(temperature=0, max_new_tokens=6), show_progress=False)
+                              GenParams(temperature=0, max_tokens=6), show_progress=False)
     assert windowed.batches == 5  # windows of 5 + 5 + 2 jobs, in batches of up to 4
     assert stats.done == 12 and [r["custom_id"] for r in read_jsonl(tmp_path / "w.jsonl")] == ids
     assert texts(tmp_path / "w.jsonl") == texts(tmp_path / "all.jsonl")

@@ -6,6 +6,8 @@ import re
 
 import pytest
 
+from tests.util import SCRIPT_MODULES
+
 SCRIPTS = ["create_batchinput", "batch_utils", "generate_data_finetuned", "reformat_results"]
 
 
@@ -25,7 +27,7 @@ def entries(help_text: str) -> list[str]:
 
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_help_lists_each_flag_once_with_one_default(name, capsys):
-    script = importlib.import_module(name)
+    script = importlib.import_module(SCRIPT_MODULES[name])
     with pytest.raises(SystemExit) as exit_info:
         script.main(["--help"])
     assert exit_info.value.code == 0
@@ -51,7 +53,7 @@ def test_help_lists_each_flag_once_with_one_default(name, capsys):
 
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_help_is_short_and_each_flag_has_one_snake_case_spelling(name, capsys):
-    script = importlib.import_module(name)
+    script = importlib.import_module(SCRIPT_MODULES[name])
     with pytest.raises(SystemExit):
         script.main(["--help"])
     text = capsys.readouterr().out

@@ -70,10 +70,16 @@ def test_pip_install_gives_the_package_and_commands_that_work_anywhere(tmp_path)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     # Imported from the environment, not from the copy or the repository.
-    where = command(bin_dir, "python", "-c", "import datagen, reformat_results; print(datagen.__file__); "
-                    "print(reformat_results.__file__)", cwd=elsewhere)
+    where = command(bin_dir, "python", "-c", "import datagen.results.reformat_results as r, datagen; "
+                    "print(datagen.__file__); print(r.__file__)", cwd=elsewhere)
     assert where.returncode == 0, where.stderr
     assert all(Path(line).is_relative_to(tmp_path / "venv") for line in where.stdout.split())
+    # Only the package lands in site-packages: no top-level modules with generic names.
+    site = Path(command(bin_dir, "python", "-c", "import datagen, pathlib; print(pathlib.Path(datagen.__file__)"
+                        ".parent.parent)", cwd=elsewhere).stdout.strip())
+    assert not [p.name for p in site.glob("*.py")], "top-level modules installed"
+    for name in ("create_batchinput", "batch_utils", "generate_data_finetuned", "reformat_results"):
+        assert command(bin_dir, "python", "-c", f"import {name}", cwd=elsewhere).returncode == 1
 
     write_jsonl(elsewhere / "prompts.jsonl", [{"id": "a", "prompt": "Capital of France?"}])
     made = command(bin_dir, "datagen-create-batchinput", "--input_file", "prompts.jsonl", "--id_field", "id",
@@ -96,7 +102,7 @@ def test_pip_install_gives_the_package_and_commands_that_work_anywhere(tmp_path)
     built = command(bin_dir, "python", "-m", "datagen.tinymodel", "tiny", "--no_adapter", cwd=elsewhere)
     assert built.returncode == 0, built.stderr
     assert (elsewhere / "tiny" / "base" / "config.json").is_file()
-    for name in ("datagen.tinymodel", "create_batchinput", "reformat_results"):
+    for name in ("datagen.tinymodel", "datagen.batchapi.create_batchinput", "datagen.results.reformat_results"):
         shown = command(bin_dir, "python", "-m", name, "--help", cwd=elsewhere)
         assert shown.returncode == 0 and "usage:" in shown.stdout, (name, shown.stderr)
     shown = command(bin_dir, "datagen-tinymodel", "--help", cwd=elsewhere)
@@ -118,11 +124,10 @@ def test_editable_install_runs_the_source_folder(tmp_path):
     pip_install(bin_dir, "-e", str(source))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    where = command(bin_dir, "python", "-c", "import datagen.results, reformat_results; "
-                    "print(datagen.results.__file__); print(reformat_results.__file__)", cwd=elsewhere)
+    where = command(bin_dir, "python", "-c", "import datagen.results.reformat_results as r; print(r.__file__)",
+                    cwd=elsewhere)
     assert where.returncode == 0, where.stderr
-    assert [Path(line) for line in where.stdout.split()] == [source / "datagen" / "results.py",
-                                                             source / "reformat_results.py"]
+    assert Path(where.stdout.strip()) == source / "datagen" / "results" / "reformat_results.py"
     shown = command(bin_dir, "datagen-reformat-results", "--help", cwd=elsewhere)
     assert shown.returncode == 0 and "--compare" in shown.stdout, shown.stderr
 

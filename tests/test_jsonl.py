@@ -8,9 +8,9 @@ import subprocess
 
 import pytest
 
-from datagen.cli import Terminated
-from datagen.errors import UserError
-from datagen.jsonl import AppendJsonl, atomic_writer, dumps, dumps_bytes, iter_jsonl, loads, repair_torn_tail
+from datagen.common.cli import Terminated
+from datagen.common.errors import UserError
+from datagen.common.jsonl import AppendJsonl, atomic_writer, dumps, dumps_bytes, iter_jsonl, loads, repair_torn_tail
 from tests.util import files_in
 
 

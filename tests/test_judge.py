@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-import batch_utils
-import create_batchinput
-import generate_data_finetuned
-import reformat_results
-from datagen import records, tinymodel
+from datagen.batchapi import batch_utils
+from datagen.batchapi import create_batchinput
+from datagen.finetuned import generate_data_finetuned
+from datagen.results import reformat_results
+from datagen.finetuned import records
+from datagen import tinymodel
 from datagen.local_batch_server import LocalBatchServer
 from tests.util import read_jsonl, write_jsonl
 

@@ -18,7 +18,7 @@ import jsonschema
 import openai
 import pytest
 
-from datagen.local_batch_answers import embedding_for
+from datagen.local_batch_server.answers import embedding_for
 from datagen.local_batch_server import BANNER, LocalBatchServer
 from tests.util import ROOT, write_jsonl
 
@@ -261,7 +261,7 @@ def test_token_limit_fails_the_batch():
 
 
 def test_enqueued_token_limit_per_model_is_freed_when_a_batch_ends():
-    from datagen.batchfile import estimate_tokens
+    from datagen.batchapi.estimates import estimate_tokens
 
     line = chat_line("a", "one two three four five")
     line["body"]["max_completion_tokens"] = 7

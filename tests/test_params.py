@@ -1,4 +1,4 @@
-"""datagen.params: every generation parameter against the OpenAI API's types and ranges,
+"""datagen.common.params: every generation parameter against the OpenAI API's types and ranges,
 in request bodies (check_body, check_batch_file) and on the command line (flag types)."""
 
 import argparse
@@ -7,8 +7,9 @@ import math
 
 import pytest
 
-from datagen import batchfile, params
-from datagen.errors import UserError
+from datagen.batchapi import batchfile
+from datagen.common import params
+from datagen.common.errors import UserError
 from tests.util import files_in
 
 CHAT, COMPLETIONS, RESPONSES, EMBEDDINGS = "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings"

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from datagen.errors import UserError
-from datagen.prompts import PromptOptions, iter_prompts, iter_rows, unescape
+from datagen.common.errors import UserError
+from datagen.common.prompts import PromptOptions, iter_prompts, iter_rows, unescape
 
 ROWS = [
     {"qid": "q1", "prompt": "What is 2+2?", "topic": "math"},
@@ -78,7 +78,7 @@ def test_datasetdict_split_choice(tmp_path):
 
 
 def test_json_array_is_parsed_incrementally_across_chunk_boundaries(tmp_path):
-    from datagen.prompt_files import Row, _iter_json_array_rows
+    from datagen.common.prompt_files import Row, _iter_json_array_rows
 
     many = [{"prompt": "x" * (i % 17), "i": i} for i in range(200)]
     path = tmp_path / "big.json"

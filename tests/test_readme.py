@@ -8,7 +8,7 @@ first screen (at most 20,000 bytes) that links every docs/ page, and every relat
 of every page leads to a file (or, within a page, to a heading) that exists.
 """
 
-import importlib.util
+import importlib
 import re
 import shlex
 import subprocess
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.util import ROOT
+from tests.util import ROOT, SCRIPT_MODULES
 
 SUITE_SCRIPTS = ("create_batchinput.py", "batch_utils.py", "generate_data_finetuned.py", "reformat_results.py")
 README = ROOT / "README.md"
@@ -65,10 +65,7 @@ def env_of(command: str) -> dict:
 
 
 def parser_of(script: str):
-    spec = importlib.util.spec_from_file_location(f"readme_{script[:-3]}", ROOT / script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build_parser()
+    return importlib.import_module(SCRIPT_MODULES[script.removesuffix(".py")]).build_parser()
 
 
 def flags(args: list[str]) -> list[str]:

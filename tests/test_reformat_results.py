@@ -1,4 +1,4 @@
-"""reformat_results.py and datagen.results: every source kind and endpoint, multi-file
+"""reformat_results.py and datagen.results.reformat: every source kind and endpoint, multi-file
 merge, duplicates, failures, order and joins, n > 1, CSV/Parquet output, bad inputs."""
 
 from __future__ import annotations
@@ -6,12 +6,14 @@ from __future__ import annotations
 import csv
 import json
 import random
+from pathlib import Path
 
 import pytest
 
-import reformat_results
-from datagen import results
-from datagen.errors import UserError
+from datagen.results import answers, lines, reformat_results
+from datagen.results.output import COLUMNS
+from datagen.results.store import natural_key
+from datagen.common.errors import UserError
 from tests.reformat_fixtures import (COMPLETIONS_BODY, EMBEDDINGS_BODY, GENERATION, RESPONSES_BODY,
                                      batch_line, chat_body, chat_body_n, expired_line, ft_line,
                                      VLLM_BODY, http_error_line, ok_line, vllm_error_line, vllm_ok_line)
@@ -72,12 +74,12 @@ def run(capsys, *args):
 
 
 def test_chat_answer_is_the_message_content():
-    assert results.chat_answer(chat_body()) == results.Answer(
+    assert answers.chat_answer(chat_body()) == answers.Answer(
         texts=["Paris is the capital of France."], finish_reasons=["stop"], usage=CHAT_USAGE, model=GPT)
 
 
 def test_chat_null_content_with_refusal_becomes_the_text():
-    answer = results.chat_answer(chat_body(None, refusal="I'm sorry, I can't help with that."))
+    answer = answers.chat_answer(chat_body(None, refusal="I'm sorry, I can't help with that."))
     assert (answer.texts, answer.refusal, answer.finish_reasons) == (
         ["I'm sorry, I can't help with that."], True, ["stop"])
 
@@ -85,7 +87,7 @@ def test_chat_null_content_with_refusal_becomes_the_text():
 def test_chat_choices_in_index_order():
     body = chat_body_n(["a", "b", "c"], ["stop", "length", "stop"])
     body["choices"].reverse()
-    answer = results.chat_answer(body)
+    answer = answers.chat_answer(body)
     assert (answer.texts, answer.finish_reasons) == (["a", "b", "c"], ["stop", "length", "stop"])
 
 
@@ -94,12 +96,12 @@ def test_chat_tool_calls_keep_the_calls_and_empty_text():
     calls = [{"id": "call_abc", "type": "function",
               "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]
     body["choices"][0]["message"]["tool_calls"] = calls
-    answer = results.chat_answer(body)
+    answer = answers.chat_answer(body)
     assert (answer.texts, answer.tool_calls, answer.refusal) == ([""], calls, False)
 
 
 def test_responses_answer_skips_reasoning_and_joins_output_text():
-    assert results.responses_answer(RESPONSES_BODY) == results.Answer(
+    assert answers.responses_answer(RESPONSES_BODY) == answers.Answer(
         texts=["Paris is the capital of France."], finish_reasons=["stop"], model="o4-mini-2025-04-16",
         usage={"prompt_tokens": 36, "completion_tokens": 87, "reasoning_tokens": 64})
 
@@ -107,41 +109,41 @@ def test_responses_answer_skips_reasoning_and_joins_output_text():
 def test_responses_incomplete_at_max_output_tokens_is_length():
     body = dict(RESPONSES_BODY, status="incomplete", incomplete_details={"reason": "max_output_tokens"},
                 output=[RESPONSES_BODY["output"][0]])  # only reasoning: the budget ran out
-    answer = results.responses_answer(body)
+    answer = answers.responses_answer(body)
     assert (answer.texts, answer.finish_reasons) == ([""], ["length"])
 
 
 def test_responses_failed_status_is_an_error():
     body = dict(RESPONSES_BODY, status="failed", output=[],
                 error={"code": "server_error", "message": "The model failed to generate a response."})
-    assert results.responses_answer(body).error == ("server_error", "The model failed to generate a response.")
+    assert answers.responses_answer(body).error == ("server_error", "The model failed to generate a response.")
 
 
 def test_responses_refusal_part():
     body = dict(RESPONSES_BODY, output=[{"type": "message", "id": "msg_1", "status": "completed", "role": "assistant",
                                          "content": [{"type": "refusal", "refusal": "I can't help with that."}]}])
-    answer = results.responses_answer(body)
+    answer = answers.responses_answer(body)
     assert (answer.texts, answer.refusal) == (["I can't help with that."], True)
 
 
 def test_completions_answer_is_the_choice_text():
-    assert results.completions_answer(COMPLETIONS_BODY) == results.Answer(
+    assert answers.completions_answer(COMPLETIONS_BODY) == answers.Answer(
         texts=["\n\nThis is indeed a test"], finish_reasons=["length"], model="gpt-3.5-turbo-instruct",
         usage={"prompt_tokens": 5, "completion_tokens": 7})
 
 
 def test_embeddings_answer_keeps_the_vectors():
-    assert results.embeddings_answer(EMBEDDINGS_BODY) == results.Answer(
+    assert answers.embeddings_answer(EMBEDDINGS_BODY) == answers.Answer(
         embeddings=[[0.0023064255, -0.009327292, -0.0028842222]], model="text-embedding-3-small",
         usage={"prompt_tokens": 8})
 
 
 def test_body_endpoint_by_object_and_by_shape():
-    assert [results.body_endpoint(b) for b in (chat_body(), RESPONSES_BODY, COMPLETIONS_BODY, EMBEDDINGS_BODY)] == \
+    assert [answers.body_endpoint(b) for b in (chat_body(), RESPONSES_BODY, COMPLETIONS_BODY, EMBEDDINGS_BODY)] == \
         ["chat", "responses", "completions", "embeddings"]
     shapeless = {k: v for k, v in chat_body().items() if k != "object"}
-    assert results.body_endpoint(shapeless) == "chat"
-    assert results.body_endpoint({"results": [{"flagged": False}]}) is None  # moderations
+    assert answers.body_endpoint(shapeless) == "chat"
+    assert answers.body_endpoint({"results": [{"flagged": False}]}) is None  # moderations
 
 
 # --- one raw line into a result --------------------------------------------------------------
@@ -168,19 +170,19 @@ def test_body_endpoint_by_object_and_by_shape():
       "source": "openai"}),
 ])
 def test_openai_failures_become_failed_records(line, expected):
-    result = results.openai_result(line, "f.jsonl:1")
+    result = lines.openai_result(line, "f.jsonl:1")
     assert (result.ok, result.record) == (False, expected)
 
 
 def test_openai_success_record():
-    result = results.openai_result(ok_line("q1", chat_body()), "f.jsonl:1")
+    result = lines.openai_result(ok_line("q1", chat_body()), "f.jsonl:1")
     assert (result.ok, parsed(result.record)) == (True, chat_record("q1"))
 
 
 def test_finetuned_record_with_samples():
     samples = [{"text": "Paris.", "finish_reason": "stop", "completion_tokens": 3},
                {"text": "It is Paris, the", "finish_reason": "length", "completion_tokens": 8}]
-    result = results.finetuned_result(ft_line("q1", samples=samples, completion_tokens=11), "g.jsonl:1")
+    result = lines.finetuned_result(ft_line("q1", samples=samples, completion_tokens=11), "g.jsonl:1")
     assert parsed(result.record) == {
         **ft_record("q1", samples=[("Paris.", "stop"), ("It is Paris, the", "length")],
                     details={"sample_completion_tokens": [3, 8]}), "completion_tokens": 11}
@@ -188,21 +190,21 @@ def test_finetuned_record_with_samples():
 
 
 def test_length_and_empty_as_failure_options():
-    options = results.ResultOptions(treat_length_as_failure=True, treat_empty_as_failure=True)
-    cut = results.openai_result(ok_line("a", chat_body("Paris is", "length")), "f:1", options)
+    options = lines.ResultOptions(treat_length_as_failure=True, treat_empty_as_failure=True)
+    cut = lines.openai_result(ok_line("a", chat_body("Paris is", "length")), "f:1", options)
     assert (cut.ok, parsed(cut.record)) == (False, {
         "id": "a", "reason": "length", "status_code": None, "error_code": None,
         "message": "the answer was cut off at the token limit (finish_reason length)",
         **{k: v for k, v in chat_record("a", "Paris is", "length").items() if k != "id"}})
-    empty = results.finetuned_result(ft_line("b", "  "), "g:1", options)
+    empty = lines.finetuned_result(ft_line("b", "  "), "g:1", options)
     assert (empty.ok, empty.record["reason"], empty.record["generated_text"]) == (False, "empty", "  ")
-    refusal = results.openai_result(ok_line("c", chat_body(None, refusal="No.")), "f:1", options)
+    refusal = lines.openai_result(ok_line("c", chat_body(None, refusal="No.")), "f:1", options)
     assert refusal.ok and refusal.record["refusal"] is True
 
 
 def test_natural_key_orders_numbers_as_numbers():
     ids = ["request-10", "request-2", "b", "request-1", "a-07", "a-7x", "request-100"]
-    assert sorted(ids, key=lambda i: (results.natural_key(i), i)) == \
+    assert sorted(ids, key=lambda i: (natural_key(i), i)) == \
         ["a-07", "a-7x", "b", "request-1", "request-2", "request-10", "request-100"]
 
 
@@ -305,7 +307,7 @@ def test_batch_input_order_missing_and_extra_ids(tmp_path, capsys):
     assert code == 1
     assert err.strip().splitlines()[-1] == (
         "reformat_results.py: error: 1 of the 4 requests have no result; they are listed in out.failed.jsonl "
-        "(reason missing); pass --allow_partial to accept a partial result")
+        "(reason missing); pass --fail_on none to accept a partial result")
     prompt = lambda i: {"prompt": [{"role": "user", "content": f"Q {i}"}]}  # noqa: E731
     assert read_out("out.jsonl") == [{**chat_record("zeta", "Z"), **prompt("zeta")},
                                        {**chat_record("mid", "M"), **prompt("mid")},
@@ -317,7 +319,7 @@ def test_batch_input_order_missing_and_extra_ids(tmp_path, capsys):
     assert out.startswith("3 ok, 1 failed, 1 missing\n")
     assert "1 result id(s) are not in batchinput.jsonl" in err
     code, out, err = run(capsys, "--input_file", "results.jsonl", "--batch_input", "batchinput.jsonl",
-                         "--output_file", "out.jsonl", "--allow_partial")
+                         "--output_file", "out.jsonl", "--fail_on", "none")
     assert code == 0 and out.startswith("3 ok, 1 failed, 1 missing\n") and "error:" not in err
 
 
@@ -366,36 +368,55 @@ def test_n_samples_one_line_per_request(tmp_path, capsys):
     assert read_out("out.jsonl") == [
         chat_record("q", "A", samples=[("A", "stop"), ("B", "stop"), ("C", "length")])]
     code, out, _ = run(capsys, "--input_file", "results.jsonl", "--output_file", "strict.jsonl",
-                       "--treat_length_as_failure")
-    assert read_jsonl("strict.jsonl") == []
+                       "--fail_on", "missing,length")
+    assert code == 1 and read_jsonl("strict.jsonl") == []
     assert read_jsonl("strict.failed.jsonl")[0]["message"] == "1 of 3 samples were cut off at the token limit"
 
 
-def test_treat_length_and_empty_as_failure(tmp_path, capsys):
+def test_fail_on_length_and_empty(tmp_path, capsys):
     write_jsonl("gen.jsonl", [ft_line("a", "Paris is", "length"), ft_line("b", ""), ft_line("c")])
     code, out, err = run(capsys, "--input_file", "gen.jsonl", "--output_file", "keep.jsonl")
-    assert [r["id"] for r in read_jsonl("keep.jsonl")] == ["a", "b", "c"]
-    assert "1 answer(s) are empty and are kept" in err
-    code, out, _ = run(capsys, "--input_file", "gen.jsonl", "--output_file", "out.jsonl",
-                       "--treat_length_as_failure", "--treat_empty_as_failure")
+    assert code == 0 and [r["id"] for r in read_jsonl("keep.jsonl")] == ["a", "b", "c"]
+    assert "1 answer(s) are empty and are kept; --fail_on empty sets them apart" in err
+    code, out, err = run(capsys, "--input_file", "gen.jsonl", "--output_file", "out.jsonl",
+                         "--fail_on", "missing,length,empty")
     assert [r["id"] for r in read_jsonl("out.jsonl")] == ["c"]
     assert [(r["id"], r["reason"]) for r in read_jsonl("out.failed.jsonl")] == [("a", "length"), ("b", "empty")]
     assert out.startswith("1 ok, 2 failed, 0 missing\n")
+    assert code == 1 and err.strip().splitlines()[-1] == (
+        "reformat_results.py: error: requests that fail the run (--fail_on missing,length,empty): 1 length, "
+        "1 empty; they are listed in out.failed.jsonl")
 
 
-def test_strict_exits_1_after_writing_both_files(tmp_path, capsys):
-    write_jsonl("batchinput.jsonl", [batch_line("a", "A"), batch_line("b", "B")])
+def test_fail_on_errors_exits_1_after_writing_both_files(tmp_path, capsys):
+    write_jsonl("batchinput.jsonl", [batch_line(i, i.upper()) for i in "abc"])
     write_jsonl("results.jsonl", [ok_line("a", chat_body())])
-    code, out, err = run(capsys, "--input_file", "results.jsonl", "--batch_input", "batchinput.jsonl",
-                         "--output_file", "out.jsonl", "--strict")
+    write_jsonl("results.jsonl.errors.jsonl", [http_error_line("b")])
+    args = ["--input_file", "results.jsonl", "--batch_input", "batchinput.jsonl", "--output_file", "out.jsonl"]
+    code, out, err = run(capsys, *args, "--fail_on", "missing,error")
     assert code == 1
-    assert err.strip().splitlines()[-1] == ("reformat_results.py: error: 0 failed and 1 missing requests (--strict); "
-                                            "they are listed in out.failed.jsonl")
+    assert err.strip().splitlines()[-1] == (
+        "reformat_results.py: error: requests that fail the run (--fail_on missing,error): 1 missing, 1 error; "
+        "they are listed in out.failed.jsonl")
     assert [r["id"] for r in read_jsonl("out.jsonl")] == ["a"]
-    write_jsonl("results.jsonl", [ok_line("a", chat_body()), ok_line("b", chat_body())])
-    code, _, _ = run(capsys, "--input_file", "results.jsonl", "--batch_input", "batchinput.jsonl",
-                     "--output_file", "out.jsonl", "--strict")
+    assert [r["id"] for r in read_jsonl("out.failed.jsonl")] == ["b", "c"]
+    code, _, err = run(capsys, *args, "--fail_on", "error")  # missing requests alone would pass
+    assert code == 1 and "(--fail_on error): 1 error;" in err
+    code, _, err = run(capsys, *args, "--fail_on", "missing")  # errors are counted, not fatal
+    assert code == 1 and err.strip().endswith("pass --fail_on none to accept a partial result")
+    write_jsonl("results.jsonl", [ok_line(i, chat_body()) for i in "abc"])
+    Path("results.jsonl.errors.jsonl").unlink()
+    code, _, _ = run(capsys, *args, "--fail_on", "missing,error")
     assert code == 0
+
+
+@pytest.mark.parametrize("value", ["", "missing,strict", "none,error", ","])
+def test_fail_on_takes_known_kinds_only(tmp_path, capsys, value):
+    write_jsonl("results.jsonl", [ok_line("a", chat_body())])
+    with pytest.raises(SystemExit) as exit_info:
+        reformat_results.main(["--input_file", "results.jsonl", "--fail_on", value])
+    assert exit_info.value.code == 2
+    assert "argument --fail_on: " in capsys.readouterr().err and not Path("reformatted.jsonl").exists()
 
 
 def test_csv_output(tmp_path, capsys):
@@ -406,7 +427,7 @@ def test_csv_output(tmp_path, capsys):
         rows = list(csv.reader(handle))
     samples = lambda text: json.dumps([{"text": text, "finish_reason": "stop"}], separators=(",", ":"))  # noqa: E731
     assert rows == [
-        list(results.COLUMNS),
+        list(COLUMNS),
         ["q1", "No.", "openai", GPT, GPT, "", "stop", "true", "14", "7", "0", samples("No."), '{"endpoint":"chat"}'],
         ["q2", "say \"hi\",\nthen go", "openai", GPT, GPT, "", "stop", "false", "14", "7", "0",
          samples("say \"hi\",\nthen go"), '{"endpoint":"chat"}']]
@@ -423,7 +444,7 @@ def test_parquet_output_keeps_types(tmp_path, capsys):
                      "--keep_fields", "score", "--output_file", "out.parquet")
     assert code == 0
     table = pq.read_table("out.parquet")
-    assert table.column_names == [*results.COLUMNS, "score"]
+    assert table.column_names == [*COLUMNS, "score"]
     rows = table.to_pylist()
     assert [(r["id"], [s["text"] for s in r["samples"]], r["score"], r["prompt_tokens"]) for r in rows] == [
         ("a", ["Paris."], 1.0, 14), ("b", ["x", "y"], 2.5, 14)]
@@ -569,7 +590,7 @@ def test_runs_as_a_script(tmp_path):
 
 def test_user_error_for_bad_line_shape_in_parser():
     with pytest.raises(UserError, match=r"g.jsonl:4: generated_text must be text"):
-        results.finetuned_result({"custom_id": "a", "generated_text": None}, "g.jsonl:4")
+        lines.finetuned_result({"custom_id": "a", "generated_text": None}, "g.jsonl:4")
 
 
 def test_stdlib_json_fallback_writes_the_same_bytes(tmp_path):
@@ -597,8 +618,8 @@ def test_stdlib_json_fallback_writes_the_same_bytes(tmp_path):
     dict(ok_line("g", chat_body()), error={"code": "x", "message": "y"}), http_error_line("h"),
 ], ids=list("abcdefgh"))
 def test_fast_path_agrees_with_the_general_path(line):
-    fast = results.fast_chat_record(line)
-    general = results.openai_result(line, "f:1")
+    fast = lines.fast_chat_record(line)
+    general = lines.openai_result(line, "f:1")
     if fast is not None:
         assert general.ok and fast == general.record
     assert (fast is not None) == (line["custom_id"] in ("a", "f"))
@@ -650,8 +671,8 @@ def test_every_route_endpoint_and_n_loads_as_one_table(tmp_path, capsys):
 
     ids = write_questions()
     plain, kept, parquet = [], [], []
-    for name, lines in raw_runs(ids).items():
-        write_jsonl(f"{name}.raw.jsonl", lines)
+    for name, raw in raw_runs(ids).items():
+        write_jsonl(f"{name}.raw.jsonl", raw)
         # no --batch_input: its gpt-4o-mini chat requests did not make the responses, completions, embeddings
         # and vLLM answers (other models), and results without a sidecar must name its model
         for out, more in ((f"{name}.jsonl", []), (f"{name}.parquet", []),
@@ -672,7 +693,7 @@ def test_every_route_endpoint_and_n_loads_as_one_table(tmp_path, capsys):
             assert len(table) == sum(len(read_jsonl(f)) for f in files)
         assert len(features) == 1, features
     frames = [pd.read_json(f, lines=True) for f in kept]
-    assert {tuple(f.columns) for f in frames} == {(*results.COLUMNS, "question", "gold_answer", "category", "prompt")}
+    assert {tuple(f.columns) for f in frames} == {(*COLUMNS, "question", "gold_answer", "category", "prompt")}
     assert len({tuple(map(str, f.dtypes)) for f in frames}) == 1
     assert len({str(pq.read_schema(f)) for f in parquet}) == 1
     assert len({tuple(map(str, pd.read_parquet(f).dtypes)) for f in parquet}) == 1
@@ -707,7 +728,7 @@ def test_batch_input_and_prompts_file_that_do_not_match(tmp_path, capsys):
     message = _bad(tmp_path, capsys, ["--input_file", "gen.jsonl", "--batch_input", "batchinput.jsonl",
                                       "--prompts_file", "questions.csv", "--prompt_field", "question",
                                       "--keep_fields", "category",  # no --id_field: ids request-N
-                                      "--output_file", "out.jsonl", "--allow_partial"])
+                                      "--output_file", "out.jsonl", "--fail_on", "none"])
     assert message.endswith("no custom_id of --batch_input is in --prompts_file; read it with the same "
                             "--id_field (and prompt flags) that made the batch input")
 
@@ -720,11 +741,11 @@ def test_missing_requests_against_a_prompts_file_exit_1_unless_allowed(tmp_path,
     assert code == 1
     assert err.strip().splitlines()[-1] == (
         "reformat_results.py: error: 2 of the 3 requests have no result; they are listed in out.failed.jsonl "
-        "(reason missing); pass --allow_partial to accept a partial result")
+        "(reason missing); pass --fail_on none to accept a partial result")
     assert [(r["id"], r["reason"]) for r in read_jsonl("out.failed.jsonl")] == [("request-0", "missing"),
                                                                                 ("request-2", "missing")]
     code, out, _ = run(capsys, "--input_file", "gen.jsonl", "--prompts_file", "prompts.jsonl",
-                       "--output_file", "out.jsonl", "--allow_partial")
+                       "--output_file", "out.jsonl", "--fail_on", "none")
     assert code == 0 and out.startswith("1 ok, 0 failed, 2 missing\n")
 
 

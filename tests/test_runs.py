@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-import reformat_results
+from datagen.results import reformat_results
 from tests.reformat_fixtures import batch_line, chat_body, expired_line, ft_line, ok_line
 from tests.test_generate_data_finetuned import run_main, tiny  # noqa: F401
 from tests.util import copy_files, files_in, read_jsonl, write_jsonl
@@ -362,7 +362,7 @@ def test_csv_tables_read_back_exactly_in_every_reader(tmp_path, capsys, suffix):
     import pandas as pd
     from datasets import load_dataset
 
-    from datagen import prompts
+    from datagen.common import prompts
 
     ids = [f"q{k}" for k in range(len(NASTY))]
     write_jsonl("prompts.jsonl", [{"id": i, "prompt": f"say {k}", "topic": text} for k, (i, text)

@@ -380,7 +380,7 @@ def test_the_projects_venv_is_found_without_venv_or_python(tiny_model, tmp_path)
 def test_every_flag_of_the_generator_is_a_setting_of_the_job_script():
     """The environment settings of job_script.sh cover every flag of generate_data_finetuned.py
     (value flags in SETTINGS, switches in SWITCHES), so a new flag cannot be forgotten."""
-    import generate_data_finetuned
+    from datagen.finetuned import generate_data_finetuned
 
     script = JOB_SCRIPT.read_text()
     settings = re.search(r"^SETTINGS=\((.*?)\)", script, re.S | re.M).group(1).split()

@@ -8,6 +8,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# Each root script is a thin file over its package module (where build_parser lives).
+SCRIPT_MODULES = {"create_batchinput": "datagen.batchapi.create_batchinput",
+                  "batch_utils": "datagen.batchapi.batch_utils",
+                  "generate_data_finetuned": "datagen.finetuned.generate_data_finetuned",
+                  "reformat_results": "datagen.results.reformat_results"}
 
 
 def run_script(script: str, *args: str, cwd: str | os.PathLike | None = None,
