@@ -25,7 +25,7 @@
 # Settings: the flags of generate_data_finetuned.py as environment variables (upper case,
 # SETTINGS below: MODEL_NAME_OR_PATH, ADAPTER_PATH, INPUT_FILE, OUTPUT_FILE, BATCH_SIZE,
 # MAX_NEW_TOKENS, ...; switches DO_SAMPLE, NO_MERGE_LORA, TRUST_REMOTE_CODE, WITH_BASE,
-# REGENERATE_MISMATCHED, IGNORE_UNSUPPORTED_FIELDS take 1 or 0),
+# REGENERATE_MISMATCHED, IGNORE_UNSUPPORTED_FIELDS, NO_CACHE, REFRESH_CACHE take 1 or 0),
 # and/or any flag after the script name, forwarded verbatim (repeat --stop for several):
 #   sbatch job_script.sh --model_name_or_path BASE --input_file in.jsonl --output_file out.jsonl --stop '###'
 # Only what is given is forwarded: every default lives in generate_data_finetuned.py. The
@@ -78,14 +78,16 @@ SETTINGS=(MODEL_NAME_OR_PATH ADAPTER_PATH INPUT_FILE OUTPUT_FILE
           SYSTEM_PROMPT SYSTEM_PROMPT_FILE USE_CHAT_TEMPLATE
           MAX_NEW_TOKENS TEMPERATURE TOP_P SEED NUM_RETURN_SEQUENCES STOP
           BATCH_SIZE MAX_BATCH_TOKENS DTYPE DEVICE_MAP SHARD_INDEX NUM_SHARDS LOG_LEVEL
-          ENGINE TENSOR_PARALLEL_SIZE GPU_MEMORY_UTILIZATION MAX_MODEL_LEN)
+          ENGINE TENSOR_PARALLEL_SIZE GPU_MEMORY_UTILIZATION MAX_MODEL_LEN CACHE_DIR)
 # Switches: VAR=1 forwards the first flag, VAR=0 the second (if any), unset/empty nothing.
 declare -A SWITCH_ON=([DO_SAMPLE]=--do_sample [NO_MERGE_LORA]=--no_merge_lora [TRUST_REMOTE_CODE]=--trust_remote_code
                       [WITH_BASE]=--with_base
                       [REGENERATE_MISMATCHED]=--regenerate_mismatched
-                      [IGNORE_UNSUPPORTED_FIELDS]=--ignore_unsupported_fields)
+                      [IGNORE_UNSUPPORTED_FIELDS]=--ignore_unsupported_fields
+                      [NO_CACHE]=--no_cache [REFRESH_CACHE]=--refresh_cache)
 declare -A SWITCH_OFF=([DO_SAMPLE]=--no_do_sample)
-SWITCHES=(DO_SAMPLE NO_MERGE_LORA TRUST_REMOTE_CODE WITH_BASE REGENERATE_MISMATCHED IGNORE_UNSUPPORTED_FIELDS)
+SWITCHES=(DO_SAMPLE NO_MERGE_LORA TRUST_REMOTE_CODE WITH_BASE REGENERATE_MISMATCHED IGNORE_UNSUPPORTED_FIELDS
+          NO_CACHE REFRESH_CACHE)
 REQUIRED=(MODEL_NAME_OR_PATH INPUT_FILE)
 
 usage() {
@@ -202,8 +204,8 @@ output_files() {
     "$PYTHON" - "$datagen_dir" "${forwarded[@]}" 2>/dev/null <<'PY'
 import contextlib, sys
 sys.path.insert(0, sys.argv[1])
-import generate_data_finetuned
-from datagen import cli
+from datagen.common import cli
+from datagen.finetuned import generate_data_finetuned
 try:
     with contextlib.redirect_stdout(sys.stderr):  # --help must not print a path
         parser = generate_data_finetuned.build_parser()

@@ -130,7 +130,8 @@ def main(argv=None) -> int:
              "   (not OpenAI: it answers 'echo: <prompt>'; for the real service drop --base_url and put your key in openai.tok)")
         sh("batch_utils.py", "--run", "--wait", "--download", results, "--file", batch_input,
            "--base_url", server.base_url, "--key_file", rel(key_file),
-           "--ids_file", work / "last_batch_id.tok", "--poll_interval", "1", "--description", "datagen demo")
+           "--ids_file", work / "last_batch_id.tok", "--poll_interval", "1", "--description", "datagen demo",
+           "--cache_dir", work / "cache")
 
     step("4. OpenAI route: raw results -> {id, generated_text}")
     sh("reformat_results.py", "--input_file", results, "--output_file", openai_out,
@@ -139,7 +140,7 @@ def main(argv=None) -> int:
     step("5. fine-tuned route: the same batch input through the base model + LoRA adapter")
     sh("generate_data_finetuned.py", "--model_name_or_path", rel(base),
        "--adapter_path", rel(adapter), "--input_file", batch_input,
-       "--output_file", generations, "--batch_size", "4")
+       "--output_file", generations, "--batch_size", "4", "--cache_dir", work / "cache")
 
     step("6. fine-tuned route: generations -> {id, generated_text}")
     sh("reformat_results.py", "--input_file", generations, "--output_file", finetuned_out,

@@ -390,3 +390,28 @@ def test_cli_help_is_short():
         cache_cli.main(["--help"])
     assert len(cache_cli.build_parser().format_help().splitlines()) <= 100
 
+
+
+def test_clear_and_compact_touch_only_the_caches_own_files(tmp_path, capsys):
+    """A --cache_dir pointed at the wrong folder: files that merely end in .seg, and a folder
+    whose name file names another folder, are never listed, cleared or compacted."""
+    root = tmp_path / "data"
+    fill(root)
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for name in ("utt1.seg", "utt2.seg", "utt1.wav"):
+        (corpus / name).write_bytes(b"audio\n")
+    stray = root / "copied"
+    stray.mkdir()
+    (stray / "namespace.json").write_text('{"namespace": "gpt-4o-mini"}')  # not this folder's name
+    (stray / "20261207T000000.000000Z-h-1-abcdef.seg").write_bytes(b"x\n")
+    old = time.time() - 48 * 3600
+    for path in [*corpus.iterdir(), *stray.iterdir()]:
+        os.utime(path, (old, old))
+    before = {p: p.read_bytes() for p in [*corpus.iterdir(), *stray.iterdir()]}
+    assert cache_cli.main(["--cache_dir", str(root), "--info"]) == 0
+    assert "corpus" not in capsys.readouterr().out
+    assert cache_cli.main(["--cache_dir", str(root), "--compact"]) == 0
+    assert cache_cli.main(["--cache_dir", str(root), "--clear"]) == 0
+    assert {p: p.read_bytes() for p in [*corpus.iterdir(), *stray.iterdir()]} == before
+    assert not (root / namespace_folder("gpt-4o-mini")).exists()  # the cache's own folder is gone

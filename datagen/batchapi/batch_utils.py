@@ -7,7 +7,7 @@
     python batch_utils.py --run --wait --download results.jsonl --poll_interval 60
     python batch_utils.py --retry_failed retry.jsonl --file batchinput.jsonl
     python batch_utils.py --run --file retry.jsonl --wait --download results-retry.jsonl
-    python batch_utils.py --run --wait --download results.jsonl --max_enqueued_tokens 2000000 \
+    python batch_utils.py --run --wait --download results.jsonl --max_enqueued_tokens 2000000 \\
         --input_price 0.075 --output_price 0.30 --max_cost 20    # a large split input, paced and priced
     python batch_utils.py                             # list recent batches
 

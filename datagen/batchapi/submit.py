@@ -106,9 +106,12 @@ def open_run(session: Session, args, cache: AnswerCache | None = None) -> Run:
         listed = session.list_batches(RECENT, "looking for this input's batches", True)
         adopt(session, manifest.parts, saved.ids, listed)
     elif not args.force:
-        sent = {p.sha256: bool(p.cached) for p in manifest.parts if p.requests}  # answered whole: nothing sent
+        # --refresh_cache asks for new answers: only a live batch of the same content is refused.
+        refreshing = cache is not None and not cache.read
+        sent = {p.sha256: bool(p.cached) or refreshing for p in manifest.parts if p.requests}  # whole: nothing sent
         refuse_resubmission(session, {path: d for path, d in digests.items() if sent.get(d) is False}, saved.ids,
-                            {path: d for path, d in digests.items() if sent.get(d)})
+                            {path: d for path, d in digests.items() if sent.get(d)},
+                            {p.sha256: p.requests for p in manifest.parts})
     if not continuing and saved.ids and not manifest.retry_of:
         log.info("replacing the ids saved in %s (%s)", ids_file, ", ".join(saved.ids))
     if not continuing:
@@ -129,7 +132,7 @@ def report_cached(manifest: Manifest, args) -> None:
 
 
 def refuse_resubmission(session: Session, digests: dict[Path, str], saved_ids: list[str],
-                        answered: dict[Path, str] | None = None) -> None:
+                        answered: dict[Path, str] | None = None, sizes: dict[str, int] | None = None) -> None:
     """Refuse when a file's content already has a batch that is live or completed, among
     the saved ids and the recent batches (a failed, expired or cancelled one does not count).
     For the ``answered`` files (the answer cache holds some of their lines: their batch was
@@ -150,6 +153,13 @@ def refuse_resubmission(session: Session, digests: dict[Path, str], saved_ids: l
         path = by_digest.get(metadata.get("source_sha256"))
         if path is None and batch.status != "completed":
             path = live.get(metadata.get("source_sha256"))
+        counts = getattr(batch, "request_counts", None)
+        total, size = getattr(counts, "total", None), (sizes or {}).get(metadata.get("source_sha256"))
+        if path is not None and batch.status == "completed" and total and size and total < size:
+            raise UserError(f"{path} was already submitted as batch {batch.id} (completed) for {total:,} of its "
+                            f"{size:,} requests, the answer cache answering the others: run without --no_cache "
+                            "to take its answers from the cache, or pass --force to submit every request again "
+                            "(you pay twice)")
         if path is not None and batch.status in BLOCKING:
             raise UserError(f"{path} was already submitted as batch {batch.id} ({batch.status}); download its "
                             f"results with: python batch_utils.py --wait --download {path.name.split('.')[0]}"

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from datagen.cache.segments import (CLOSED, READ_SIZE, created, is_closed, is_entry, list_segments, scan,
                                     segment_name, writer_gone)
+from datagen.cache.keys import namespace_folder
 from datagen.cache.store import META
 from datagen.common.jsonl import loads
 
@@ -40,13 +41,19 @@ class NamespaceInfo:
 
 
 def _name_of(folder: Path) -> str | None:
-    """The namespace a folder holds (None: not a cache folder)."""
+    """The namespace a folder holds; None when it is not one of the cache's own folders (no
+    name file, or a name that does not give this folder's name): such a folder is never
+    listed, cleared or compacted, whatever files it holds."""
     try:
-        return str(loads((folder / META).read_bytes())["namespace"])
-    except FileNotFoundError:
-        return folder.name if list_segments(folder) else None
-    except (ValueError, KeyError, TypeError):
-        return folder.name
+        name = str(loads((folder / META).read_bytes())["namespace"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return name if namespace_folder(name) == folder.name else None
+
+
+def _segments(folder: Path) -> list[Path]:
+    """The folder's segments: files named as the cache names them (time, host, pid, token)."""
+    return [path for path in list_segments(folder) if created(path) is not None]
 
 
 def _count_lines(path: Path) -> int:
@@ -66,7 +73,7 @@ def namespaces(root: Path, only: str | None = None) -> list[NamespaceInfo]:
         if name is None or (only is not None and only not in (name, folder.name)):
             continue
         info = NamespaceInfo(name, folder)
-        for segment in list_segments(folder):
+        for segment in _segments(folder):
             with contextlib.suppress(FileNotFoundError):  # compacted meanwhile
                 stat = segment.stat()
                 info.entries += _count_lines(segment)
@@ -83,7 +90,7 @@ def clear(root: Path, only: str | None = None) -> list[NamespaceInfo]:
     """Remove every namespace (or the one named ``only``); returns what was removed."""
     removed = namespaces(root, only)
     for info in removed:
-        for path in list_segments(info.folder) + [info.folder / META]:
+        for path in _segments(info.folder) + [info.folder / META]:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         for path in [*info.folder.glob(".namespace-*.tmp"), *info.folder.glob(".compact-*.tmp")]:
@@ -106,7 +113,7 @@ def compact(root: Path, only: str | None = None, stale_hours: float = STALE_HOUR
     """Merge each namespace's finished segments into one (see the module's docstring)."""
     done = []
     for info in namespaces(root, only):
-        segments = [s for s in list_segments(info.folder) if _finished(s, stale_hours)]
+        segments = [s for s in _segments(info.folder) if _finished(s, stale_hours)]
         if len(segments) < 2:
             continue
         done.append(_merge(info, segments))

@@ -126,6 +126,12 @@ def make_record(custom_id: str, samples: list[Sample], prompt_tokens: int, prove
         record["samples"] = [{"text": s.text, "finish_reason": s.finish_reason, "completion_tokens": s.completion_tokens,
                               **({"logprobs": {"content": s.logprobs}} if s.logprobs is not None else {})}
                              for s in samples]
+    return _made_by(record, provenance, generation, input_hash, created, ignored, request_sha256)
+
+
+def _made_by(record: dict, provenance: Provenance, generation: dict, input_hash: str, created: int,
+             ignored: tuple, request_sha256: str | None) -> dict:
+    """A record's fields after its answer: provenance, what it ignored and asked, parameters, fingerprint."""
     record.update(provenance.fields())
     if ignored:
         record["ignored_fields"] = list(ignored)
@@ -150,13 +156,8 @@ def cached_record(value: dict, custom_id: str, provenance: Provenance, generatio
     """The record of a request answered from the cache: the cached answer with this run's id,
     provenance, parameters and fingerprint, and ``cached``: where the answer came from."""
     record = {"custom_id": custom_id, **{k: value["answer"][k] for k in ANSWER_FIELDS if k in value["answer"]}}
-    record.update(provenance.fields())
-    if ignored:
-        record["ignored_fields"] = list(ignored)
-    if request_sha256:
-        record["request_sha256"] = request_sha256
-    record.update(generation=generation, fingerprint=fingerprint(provenance, generation, input_hash),
-                  created=created, cached={k: value[k] for k in ("created", "run", "custom_id") if k in value})
+    _made_by(record, provenance, generation, input_hash, created, ignored, request_sha256)
+    record["cached"] = {k: value[k] for k in ("created", "run", "custom_id") if k in value}
     return record
 
 

@@ -19,6 +19,7 @@ system prompt and the tokenizer are in it), and the request's own seed when it s
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from collections import Counter
 from collections.abc import Iterable
 
@@ -38,8 +39,14 @@ class RunCache:
 
     @staticmethod
     def namespace(target) -> str:
-        """A run's namespace: the base model as given, and the adapter's NAME."""
-        return finetuned_namespace(target.provenance.model, target.adapter)
+        """A run's namespace: the base model and the adapter, a local folder by its absolute
+        path (any spelling of it, any NAME given to the adapter, finds the same answers), a
+        hub id as given."""
+        provenance = target.provenance
+        model = provenance.model
+        model = str(Path(model).resolve()) if Path(model).exists() else model
+        adapter = str(Path(provenance.adapter).resolve()) if provenance.adapter else None
+        return finetuned_namespace(model, adapter)
 
     @staticmethod
     def key(provenance: records.Provenance, params: GenParams, input_ids: list[int], seed: int) -> str:
@@ -54,7 +61,14 @@ class RunCache:
     def readable(self, targets: list) -> list:
         """The targets whose namespace holds entries this run may read (a lookup is worth it)."""
         self.cache.flush()  # this process's own puts (an earlier run in it) count too
-        return [target for target in targets if self.cache.read and self.cache.holds(self.namespace(target))]
+        if not self.cache.read:
+            return []
+        readable = [target for target in targets if self.cache.holds(self.namespace(target))]
+        for target in targets:
+            if target not in readable:
+                log.info("answer cache: nothing kept yet for run %s (%s in %s)", target.run,
+                         self.namespace(target), self.cache.root)
+        return readable
 
     def look_up(self, targets: list, keyed: Iterable[tuple]) -> dict[int, int]:
         """Look up the keys of ``keyed`` ((target, key) pairs, one per pending job), once per

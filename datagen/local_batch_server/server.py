@@ -1,7 +1,7 @@
 """A local stand-in for the OpenAI Files + Batches API. It is NOT OpenAI.
 
     python -m datagen.local_batch_server --port 8765 --api_key sk-local --step_seconds 1
-    OPENAI_BASE_URL=http://127.0.0.1:8765/v1 OPENAI_API_KEY=sk-local \
+    OPENAI_BASE_URL=http://127.0.0.1:8765/v1 OPENAI_API_KEY=sk-local \\
         python batch_utils.py --run --wait --poll_interval 1 --download results.jsonl
 
 The tests start it on 127.0.0.1 and a free port, and the real ``openai`` SDK talks to it
