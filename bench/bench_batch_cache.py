@@ -47,10 +47,17 @@ def grow(folder: Path, requests: int, fraction: float) -> int:
     return index - requests
 
 
+# The client's own peak: VmHWM (Linux). ru_maxrss would also count this (big) process: a child
+# started by vfork keeps the RSS high-water mark of the memory it shared until its exec.
 WRAPPER = ("import os, resource, runpy, sys\n"
            "sys.argv = sys.argv[1:]\nsys.path.insert(0, os.path.dirname(sys.argv[0]))\n"
            "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
-           "finally:\n    print(f'peak RSS KiB {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}', file=sys.stderr)")
+           "finally:\n"
+           "    try:\n"
+           "        peak = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
+           "    except (OSError, StopIteration):\n"
+           "        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+           "    print(f'peak RSS KiB {peak}', file=sys.stderr)")
 
 
 def run_client(folder: Path, base_url: str, output: str) -> tuple[subprocess.CompletedProcess, float, float]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -104,6 +105,10 @@ def test_a_file_fully_answered_submits_nothing(api, cli, capsys):
     assert run.out.splitlines()[0] == ("all 5 requests of batchinput.jsonl are in the answer cache: nothing "
                                        "submitted; --download OUTPUT writes them")
     assert Path("last_batch_id.tok").read_text() == ""
+    check = cli("--check")
+    assert check.rc == 1 and check.err.endswith("last_batch_id.tok holds no batch: the last --run (batchinput.jsonl) "
+                                                 "was answered whole from the answer cache and submitted nothing; "
+                                                 "--download OUTPUT writes its answers\n")
     down = cli("--download", "r2.jsonl")
     assert down.rc == 0, down.err
     assert f"saved 5 output lines to r2.jsonl (5 from the answer cache, first answered by {first_id})" in down.out
@@ -194,7 +199,7 @@ def test_no_cache_and_refresh_cache(api, cli):
     assert all("cached" not in line for line in read_jsonl("r2.jsonl"))
     fresh = cli("--run", "--wait", "--download", "r3.jsonl", "--refresh_cache", "--force", "--ids_file", "c.tok")
     assert fresh.rc == 0 and uploads(api)[-1] == ["q0", "q1", "q2", "q3"]
-    assert entries() == 8  # written again (the first entries still win on lookup)
+    assert entries() == 8  # written again: the new entries win on lookup
     assert all("cached" not in line for line in read_jsonl("r3.jsonl"))
 
 
@@ -216,6 +221,31 @@ def test_cache_cleared_between_run_and_download(api, cli):
     assert cli("--run").rc == 0 and uploads(api)[-1] == ["q0", "q1", "q2", "q3"]
     assert cli("--wait").rc == 0
     assert cli("--download", "r2.jsonl").rc == 0 and ids_of("r2.jsonl") == Counter(f"q{i}" for i in range(6))
+
+
+def test_an_upload_uses_its_plan_unless_the_cache_lost_answers_since(tmp_path):
+    """One look-up per run: the upload takes the lines the plan found missing, and looks up
+    again only when a segment that held the others is gone (here: the cache cleared)."""
+    from datagen.batchapi import batch_cache
+    from datagen.batchapi.batch_state import Manifest, Part
+    from datagen.cache import AnswerCache, openai_key
+
+    rows = read_jsonl(write_jsonl(tmp_path / "in.jsonl", [chat_row(f"q{i}", f"question {i}") for i in range(5)]))
+    cache = AnswerCache(tmp_path / "cache")
+    for row in rows[:3]:
+        cache.put("gpt-4o-mini", openai_key("svc", row["url"], row["body"], row["custom_id"]), {"response": {}})
+    cache.flush()
+    part = Part(str(tmp_path / "in.jsonl"), "sha", 5, 0, 0, "gpt-4o-mini", rows[0]["url"])
+    batch_cache.plan(cache, "svc", [part])
+    assert (part.cached, part.requests, part.planned.lines) == (3, 2, [3, 4])
+    assert "planned" not in json.loads(Manifest(tmp_path / "m.json", "in.jsonl", [part]).text())["parts"][0]
+    with batch_cache.upload_of(cache, "svc", part, tmp_path) as upload:
+        assert [line["custom_id"] for line in read_jsonl(upload)] == ["q3", "q4"]
+    cache.close()
+    shutil.rmtree(cache.folder("gpt-4o-mini"))
+    with batch_cache.upload_of(cache, "svc", part, tmp_path) as upload:
+        assert [line["custom_id"] for line in read_jsonl(upload)] == [f"q{i}" for i in range(5)]
+    assert (part.cached, part.requests) == (0, 5)
 
 
 def test_a_failed_upload_leaves_no_subset_file(api, cli):
@@ -255,3 +285,46 @@ def test_dry_run_counts_only_what_will_be_paid(api, cli, capsys):
     make(5)
     result = cli("--run", "--wait", "--download", "r2.jsonl")
     assert result.rc == 0 and uploads(api)[-1] == ["request-3", "request-4"] and len(read_jsonl("r2.jsonl")) == 5
+
+
+def test_sampled_rows_asking_the_same_keep_their_own_answers(api, cli):
+    """Rows repeating one prompt are several samples when the API samples (no temperature):
+    each id keeps its own answer, and a new id is asked; at temperature 0 one answer serves all."""
+    sampled = [chat_row(f"d{i}", "same question") for i in range(3)]
+    greedy = [{**chat_row(f"g{i}", "same question"), "body": {**chat_row("x", "same question")["body"],
+                                                              "temperature": 0}} for i in range(2)]
+    write_jsonl("batchinput.jsonl", sampled + greedy)
+    assert cli("--run", "--wait", "--download", "r1.jsonl").rc == 0
+    first = {line["custom_id"]: line["response"] for line in read_jsonl("r1.jsonl")}
+    assert len({first[f"d{i}"]["request_id"] for i in range(3)}) == 3  # three samples
+    write_jsonl("batchinput.jsonl", sampled + [chat_row("d3", "same question")] + greedy +
+                [{**greedy[0], "custom_id": "g2"}])
+    assert cli("--run", "--wait", "--download", "r2.jsonl", "--ids_file", "b.tok").rc == 0
+    assert uploads(api)[-1] == ["d3"]  # the new sample is asked; g2 is answered by g0/g1's answer
+    second = {line["custom_id"]: line for line in read_jsonl("r2.jsonl")}
+    assert ids_of("r2.jsonl") == Counter({i: 1 for i in ["d0", "d1", "d2", "d3", "g0", "g1", "g2"]})
+    for i in range(3):  # each earlier sample comes back to its own id
+        assert second[f"d{i}"]["response"] == first[f"d{i}"] and "cached" in second[f"d{i}"]
+    assert "cached" not in second["d3"] and "cached" in second["g2"]
+
+
+def test_refresh_cache_submits_a_completed_file_again_and_its_answers_win(api, cli):
+    write_input(n=3)
+    assert cli("--run", "--wait", "--download", "r1.jsonl").rc == 0
+    fresh = cli("--run", "--wait", "--download", "r2.jsonl", "--refresh_cache", "--ids_file", "b.tok")
+    assert fresh.rc == 0 and uploads(api)[-1] == ["q0", "q1", "q2"]  # asked anew, without --force
+    assert cli("--run", "--wait", "--download", "r3.jsonl", "--ids_file", "c.tok").rc == 0
+    assert len(uploads(api)) == 2  # answered from the cache: the refreshed answers
+    refreshed = {line["custom_id"]: line["response"] for line in read_jsonl("r2.jsonl")}
+    assert {line["custom_id"]: line["response"] for line in read_jsonl("r3.jsonl")} == refreshed
+
+
+def test_no_cache_names_an_earlier_batch_that_answered_only_part_of_the_file(api, cli):
+    write_input(n=2)
+    assert cli("--run", "--wait", "--download", "r1.jsonl").rc == 0
+    write_input(n=5)
+    assert cli("--run", "--wait", "--download", "r2.jsonl", "--ids_file", "b.tok").rc == 0
+    refused = cli("--run", "--wait", "--download", "r3.jsonl", "--no_cache", "--ids_file", "c.tok")
+    assert refused.rc == 1 and refused.err.count("\n") == 1
+    assert "(completed) for 3 of its 5 requests, the answer cache answering the others" in refused.err
+    assert "--force" in refused.err and not Path("r3.jsonl").exists()

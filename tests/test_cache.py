@@ -4,6 +4,8 @@ Writers run as real processes; the tests wait for events (a line on a pipe, line
 file), never for a fixed time."""
 
 import argparse
+import hashlib
+import json
 import logging
 import os
 import signal
@@ -89,6 +91,28 @@ def test_put_lookup_get_roundtrip(tmp_path):
     assert list(cache.get_many("gpt-4o", keys)) == []
 
 
+def test_take_leaves_in_the_dict_what_the_cache_lacks(tmp_path):
+    """Many keys at once: 32-byte key -> the caller's payload; each key found is taken out
+    of the dict (the newest entry wins), its value read in the same pass."""
+    keys = [key_of({"i": i}) for i in range(6)]
+    with AnswerCache(tmp_path) as cache:
+        for i, key in enumerate(keys[:4]):
+            cache.put("m", key, {"i": i})
+        cache.put("m", keys[0], {"i": "again"})
+    (segment,) = list_segments(tmp_path / namespace_folder("m"))
+    with open(segment, "ab") as handle:  # an entry's shape, a key that is not hex: never found, not damaged
+        handle.write(b"z" * 64 + b'\t{"i": 9}\n')
+    cache = AnswerCache(tmp_path)
+    wanted = {bytes.fromhex(key): number for number, key in enumerate(keys)}
+    taken = [(payload, value) for _, payload, value in cache.take_values("m", wanted)]
+    assert taken == [(0, {"i": 0}), (1, {"i": 1}), (2, {"i": 2}), (3, {"i": 3})]
+    assert wanted == {bytes.fromhex(keys[4]): 4, bytes.fromhex(keys[5]): 5} and cache.skipped == 0
+    wanted = dict.fromkeys([bytes.fromhex(keys[1]), bytes.fromhex(keys[5])])
+    [(key, payload, location)] = cache.take("m", wanted)
+    assert (key, payload, cache.get(location)) == (bytes.fromhex(keys[1]), None, {"i": 1})
+    assert list(wanted) == [bytes.fromhex(keys[5])]
+
+
 def test_every_part_of_a_key_matters():
     base = openai_key("api.openai.com", URL, BODY)
     assert openai_key("api.openai.com", URL, dict(reversed(list(BODY.items())))) == base  # field order: same
@@ -114,6 +138,10 @@ def test_every_part_of_a_key_matters():
     ]
     assert len({base, *variants}) == len(variants) + 1
     assert all(len(key) == 64 and int(key, 16) >= 0 for key in variants)
+    # the same key as in format 1 from the start: the sha256 of the whole material's canonical JSON
+    material = {"route": "openai", "format": 1, "service": "api.openai.com", "url": URL, "body": BODY}
+    assert base == key_of(material) == hashlib.sha256(json.dumps(
+        material, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()).hexdigest()
 
 
 @pytest.mark.parametrize("base_url, service", [
@@ -136,12 +164,16 @@ def test_namespaces_are_safe_folder_names(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(folders)
 
 
-def test_first_entry_wins(tmp_path):
+def test_the_newest_entry_wins_and_compact_keeps_it(tmp_path):
+    """A key put by a later run (--refresh_cache) is what every later lookup finds."""
     key = key_of({"request": 1})
-    for answer in ("first", "second"):
+    for answer in ("first", "second", "third"):
         with AnswerCache(tmp_path) as cache:
             cache.put("m", key, {"answer": answer})
-    assert dict(AnswerCache(tmp_path).get_many("m", [key])) == {key: {"answer": "first"}}
+    assert dict(AnswerCache(tmp_path).get_many("m", [key])) == {key: {"answer": "third"}}
+    assert cache_cli.main(["--cache_dir", str(tmp_path), "--compact"]) == 0
+    assert len(list_segments(AnswerCache(tmp_path).folder("m"))) == 1
+    assert dict(AnswerCache(tmp_path).get_many("m", [key])) == {key: {"answer": "third"}}
 
 
 # --- concurrency, kills, damage ------------------------------------------------------
@@ -382,7 +414,7 @@ def test_cli_compact_merges_finished_segments_only(tmp_path, capsys):
     assert len(list_segments(folder)) == 2
     live.close()
     values = dict(AnswerCache(tmp_path).get_many("m", [*keys, key_of({"live": 1})]))
-    assert values == {**{key: {"answer": "first"} for key in keys}, key_of({"live": 1}): {"answer": "live"}}
+    assert values == {**{key: {"answer": "second"} for key in keys}, key_of({"live": 1}): {"answer": "live"}}
 
 
 def test_cli_help_is_short():
@@ -415,3 +447,15 @@ def test_clear_and_compact_touch_only_the_caches_own_files(tmp_path, capsys):
     assert cache_cli.main(["--cache_dir", str(root), "--clear"]) == 0
     assert {p: p.read_bytes() for p in [*corpus.iterdir(), *stray.iterdir()]} == before
     assert not (root / namespace_folder("gpt-4o-mini")).exists()  # the cache's own folder is gone
+
+
+def test_a_sampled_request_is_keyed_with_its_id_a_greedy_one_is_not():
+    greedy = {**BODY, "temperature": 0}
+    sampled = {k: v for k, v in BODY.items() if k != "temperature"}  # the API's default: temperature 1
+    assert openai_key("s", URL, greedy, "a") == openai_key("s", URL, greedy, "b") == openai_key("s", URL, greedy)
+    assert openai_key("s", URL, sampled, "a") != openai_key("s", URL, sampled, "b")
+    warm = {**greedy, "temperature": 0.7}
+    assert openai_key("s", URL, warm, "a") != openai_key("s", URL, warm, "b")
+    assert openai_key("s", URL, {**sampled, "top_p": 0}, "a") == openai_key("s", URL, {**sampled, "top_p": 0}, "b")
+    embedding = {"model": "text-embedding-3-small", "input": "hi"}
+    assert openai_key("s", "/v1/embeddings", embedding, "a") == openai_key("s", "/v1/embeddings", embedding, "b")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from datagen.cache import AnswerCache
+from datagen.cache import AnswerCache, utc_date
 from datagen.cache.maintenance import namespaces
 from datagen.common.params import GenParams
 from datagen.finetuned import generation
@@ -62,7 +62,7 @@ def test_a_grown_input_generates_only_the_new_prompts(tiny, capsys):  # noqa: F8
         if old is None:
             assert "cached" not in record
             continue
-        assert record["cached"] == {"created": old["created"], "run": "adapter", "custom_id": old["custom_id"]}
+        assert record["cached"] == {"created": utc_date(old["created"]), "run": "adapter", "custom_id": old["custom_id"]}
         for field in ("generated_text", "finish_reason", "prompt_tokens", "completion_tokens", "fingerprint",
                       "generation", "request_sha256", "run", "model", "adapter", "adapter_sha256"):
             assert record[field] == old[field], field
@@ -88,7 +88,7 @@ def test_the_reformatted_results_say_cached(tiny, capsys):  # noqa: F811
     first = by_id("a.jsonl")
     for record in read_jsonl("reformatted.jsonl"):
         details = json.loads(record["details"])
-        assert details["cached"]["created"] == first[record["id"]]["created"]
+        assert details["cached"]["created"] == utc_date(first[record["id"]]["created"])
         assert record["generated_text"] == first[record["id"]]["generated_text"]
 
 

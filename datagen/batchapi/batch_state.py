@@ -21,7 +21,7 @@ import logging
 import os
 import re
 import stat
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Iterable
 
@@ -85,6 +85,10 @@ def load_batch_ids(path: str | os.PathLike) -> list[str]:
                         "with --run first")
     ids = read_ids_file(path).ids
     if not ids:
+        manifest, _ = load_manifest(manifest_path(path))
+        if manifest is not None and manifest.parts and all(p.outcome == "cached" for p in manifest.parts):
+            raise UserError(f"{path} holds no batch: the last --run ({manifest.input}) was answered whole from "
+                            "the answer cache and submitted nothing; --download OUTPUT writes its answers")
         raise UserError(f"{path} is empty; pass --id BATCH_ID, or submit a batch with --run")
     return ids
 
@@ -165,6 +169,8 @@ class Part:
     usage: dict = field(default_factory=dict)  # input, cached, output, reasoning, total tokens
     cached: int = 0  # lines the answer cache answered: not uploaded (requests and tokens count the uploaded ones)
     uploaded_sha256: str | None = None  # sha256 of what was uploaded when it was a subset of the file
+    # not saved: what this process's look-up found (``batch_cache.Planned``), so its upload needs no second one
+    planned: object = field(default=None, repr=False, compare=False, metadata={"saved": False})
 
     @property
     def tokens(self) -> int:
@@ -178,6 +184,11 @@ class Part:
         if self.state in ENDED:
             return self.requests
         return (self.counts.get("completed") or 0) + (self.counts.get("failed") or 0)
+
+
+def saved_fields(part: Part) -> dict:
+    """What the manifest keeps of a part: every field but those marked not saved."""
+    return {f.name: getattr(part, f.name) for f in fields(part) if f.metadata.get("saved", True)}
 
 
 @dataclass
@@ -194,7 +205,7 @@ class Manifest:
     def text(self) -> str:
         data = {"version": MANIFEST_VERSION, "input": self.input, "retry_of": self.retry_of,
                 "downloaded": self.downloaded, "limits": self.limits, "wait": self.wait, "service": self.service,
-                "parts": [asdict(part) for part in self.parts]}
+                "parts": [saved_fields(part) for part in self.parts]}
         return json.dumps(data, indent=1) + "\n"
 
     def save(self) -> None:

@@ -97,7 +97,7 @@ def create(args) -> int:
             writer.add(batchfile.build_line(prompt.custom_id, endpoint, body), prompt.where)
             if args.dry_run:
                 total_input_tokens += input_tokens(body)
-                keyed.append((openai_key(service, endpoint, body), input_tokens(body)))
+                keyed.append((openai_key(service, endpoint, body, prompt.custom_id), input_tokens(body)))
         check_unique_ids(ids, args, options)
         paths = writer.commit()
     if endpoint != batchfile.EMBEDDINGS and params.temperature is None and "temperature" not in params.extra_body:

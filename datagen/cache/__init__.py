@@ -20,7 +20,7 @@ The API the routes use (details in each module and in docs/cache.md):
 
 from datagen.cache.config import add_cache_args, check_cache_dir, open_cache, resolve_cache_dir
 from datagen.cache.keys import finetuned_key, finetuned_namespace, openai_key, service_of
-from datagen.cache.store import AnswerCache, Location
+from datagen.cache.store import AnswerCache, Location, utc_date
 
 __all__ = ["AnswerCache", "Location", "add_cache_args", "check_cache_dir", "finetuned_key", "finetuned_namespace",
-           "open_cache", "openai_key", "resolve_cache_dir", "service_of"]
+           "open_cache", "openai_key", "resolve_cache_dir", "service_of", "utc_date"]

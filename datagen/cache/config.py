@@ -60,7 +60,7 @@ def add_cache_args(parser: argparse.ArgumentParser):
     cli.add_flag(switch, "no_cache", action="store_true",
                  help="neither read nor write the answer cache: every request is answered anew")
     cli.add_flag(switch, "refresh_cache", action="store_true",
-                 help="do not read the answer cache (answer every request anew), but keep the new answers")
+                 help="do not read the answer cache (answer every request anew); the new answers replace the old")
     return group
 
 

@@ -5,7 +5,7 @@
 - ``clear(root, namespace=None)``: removes the cache's own files only (segments and the
   name file), so a ``--cache_dir`` pointed at the wrong folder never loses anything else.
 - ``compact(root, namespace=None)``: merges a namespace's finished segments into one,
-  keeping the first entry of each key. A segment is finished when its writer closed it
+  keeping the newest entry of each key (the one lookups find). A segment is finished when its writer closed it
   (``#closed``), when its writer ran on this host and its process is gone, or when it is
   untouched for ``stale_hours`` (a writer on another node that died). Segments still being
   written are left alone, so compaction is safe while runs write. Memory: one set of the
@@ -129,14 +129,14 @@ def _finished(segment: Path, stale_hours: float) -> bool:
 
 def _merge(info: NamespaceInfo, segments: list[Path]) -> Compacted:
     """Write the merged segment under a hidden name, rename it into place (named to sort
-    where the first merged one did), then remove the merged ones. A kill at any point
-    leaves at most duplicates, which the first-entry rule and the next compaction absorb."""
+    where the newest merged one did), then remove the merged ones. A kill at any point
+    leaves at most duplicates, which the newest-entry rule and the next compaction absorb."""
     tmp = info.folder / f".compact-{secrets.token_hex(6)}.tmp"
     seen: set[bytes] = set()
     merged, kept, dropped = [], 0, 0
     try:
         with open(tmp, "wb", buffering=READ_SIZE) as out:
-            for segment in segments:
+            for segment in reversed(segments):  # the newest first: its entries win
                 try:
                     for _, line in scan(segment):
                         if not is_entry(line) or line[:64] in seen:
@@ -152,7 +152,7 @@ def _merge(info: NamespaceInfo, segments: list[Path]) -> Compacted:
             out.flush()
             os.fsync(out.fileno())
         os.chmod(tmp, 0o644)
-        os.replace(tmp, info.folder / segment_name(created(segments[0])))
+        os.replace(tmp, info.folder / segment_name(created(segments[-1])))
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

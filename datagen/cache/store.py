@@ -6,11 +6,18 @@
     cache.put("gpt-4o-mini", key, {"response": ..., "batch_id": ..., "created": ...})
     cache.close()                                 # or use it as a context manager
 
-Memory: ``lookup`` scans the namespace's segments a block at a time, reading only each
+Many keys at once (a rerun of a million requests): ``take`` / ``take_values`` take a dict
+of 32-byte keys (``keys.openai_digest``) -> a payload of the caller's (a line number, a
+custom_id) and yield the payload of each key found, taken out of the dict, so that what
+is left is what the cache does not hold; no second dict of results is built.
+
+Memory: a lookup scans the namespace's segments a block at a time, reading only each
 line's key, and keeps a ``Location`` (segment, offset) per key asked for; ``get`` seeks
-and reads one line. What it holds is O(keys asked for), never O(cache size). When a key
-was put twice (two runs answered the same request) the first entry wins: segments are
-read in name order (creation time first) and lines in file order.
+and reads one line; ``get_many`` and ``take_values`` read each value as the scan passes
+it. What it holds is O(keys asked for), never O(cache size). When a key was put twice
+(two runs, or a ``--refresh_cache`` run, answered the same request) the newest entry
+wins: segments are read newest name (creation time) first, so a refreshed answer replaces
+the old one for every later run, and the same key always gives the same answer until then.
 
 The cache is a copy (the output files are the durable record): a write fault (disk full,
 permissions) is one warning and turns writing off for the rest of the run; a damaged line
@@ -23,12 +30,13 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import time
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple
+from typing import Any, Iterable, Iterator, NamedTuple
 
-from datagen.cache.keys import check_key, namespace_folder
-from datagen.cache.segments import READ_SIZE, SegmentWriter, is_entry, list_segments, read_line, scan
+from datagen.cache.keys import KEY_PATTERN, check_key, namespace_folder
+from datagen.cache.segments import SegmentWriter, list_segments, read_line, take_entries
 from datagen.common.errors import UserError
 from datagen.common.jsonl import dumps_bytes, loads
 
@@ -36,10 +44,20 @@ log = logging.getLogger("datagen.cache")
 META = "namespace.json"  # in each namespace folder: {"namespace": NAME}
 
 
+def utc_date(stamp: float | None) -> str | None:
+    """When an answer was made, as both routes' ``cached`` field says it: ``2026-12-07T13:39:22Z``."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp)) if stamp else None
+
+
 class Location(NamedTuple):
     """Where one entry is: valid until the cache is cleared or compacted (look up again later)."""
     segment: str
     offset: int
+
+
+def _digests(keys: Iterable[str]) -> dict[bytes, str]:
+    """32-byte key -> its 64-hex ``key``, for each of ``keys`` that is a key (others never hit)."""
+    return {bytes.fromhex(key): key for key in keys if isinstance(key, str) and KEY_PATTERN.fullmatch(key)}
 
 
 class AnswerCache:
@@ -62,43 +80,59 @@ class AnswerCache:
 
     def lookup(self, namespace: str, keys: Iterable[str]) -> dict[str, Location]:
         """Where each of ``keys`` that the cache holds is, in segment and file order."""
-        if not self.read:
-            return {}
-        wanted = keys if isinstance(keys, (set, frozenset, dict)) else set(keys)
+        return {key: location for _, key, location, _ in self._take(namespace, _digests(keys))}
+
+    def take(self, namespace: str, wanted: dict[bytes, Any]) -> Iterator[tuple[bytes, Any, Location]]:
+        """``(key, payload, Location)`` for each key of ``wanted`` (32-byte key -> a payload of
+        the caller's) the cache holds, in segment and file order, taken out of ``wanted``:
+        what is left in it at the end is not in the cache. Stops once ``wanted`` is empty."""
+        for key, payload, location, _ in self._take(namespace, wanted):
+            yield key, payload, location
+
+    def take_values(self, namespace: str, wanted: dict[bytes, Any]) -> Iterator[tuple[bytes, Any, dict]]:
+        """As ``take``, with each entry's value instead of its place: one pass over the
+        namespace reads key and value together (a damaged value is a warning, and skipped)."""
+        for key, payload, location, raw in self._take(namespace, wanted, values=True):
+            value = self._value(location, raw)
+            if value is not None:
+                yield key, payload, value
+
+    def _take(self, namespace: str, wanted: dict, values: bool = False) -> Iterator[tuple]:
+        """One scan of the namespace's segments for ``wanted`` (the newest entry wins: segments
+        newest name first, then lines in file order), listed again when a segment is removed meanwhile
+        (--compact, --clear); ``(key, payload, Location, value bytes or None)``."""
+        if not self.read or not wanted:
+            return
         own = self._writers.get(namespace)
         if own is not None and own.pid == os.getpid():
             self._guard(own.flush)  # this process's own puts are found too
-        for _ in range(3):  # a segment removed meanwhile (--compact, --clear): list again
-            found, vanished = self._scan(namespace, wanted)
+        for _ in range(3):
+            stats = {"bad": 0, "torn": 0}
+            vanished = False
+            for segment in reversed(list_segments(self.folder(namespace))):  # the newest first
+                if not wanted:
+                    break
+                name = str(segment)
+                try:
+                    for key, payload, offset, raw in take_entries(segment, wanted, stats, values):
+                        yield key, payload, Location(name, offset), raw
+                except FileNotFoundError:
+                    vanished = True
+                    break
+                except OSError as exc:
+                    log.warning("answer cache: cannot read %s (%s); its entries are not used", segment,
+                                exc.strerror)
             if not vanished:
                 break
-        return found
+        self._report(namespace, stats)
 
-    def _scan(self, namespace: str, wanted) -> tuple[dict[str, Location], bool]:
-        found: dict[str, Location] = {}
-        stats = {"torn": 0}
-        bad = 0
-        for segment in list_segments(self.folder(namespace)):
-            if len(found) == len(wanted):
-                break
-            name = str(segment)
-            try:
-                for offset, line in scan(segment, stats):
-                    key = line[:64].decode("latin-1")
-                    if not is_entry(line):
-                        bad += not line.startswith(b"#")
-                    elif key in wanted and key not in found:
-                        found[key] = Location(name, offset)
-            except FileNotFoundError:
-                return found, True
-            except OSError as exc:
-                log.warning("answer cache: cannot read %s (%s); its entries are not used", segment, exc.strerror)
-        self.skipped = bad
-        if bad:
-            log.warning("answer cache: skipped %d damaged line(s) in %s (%s)", bad, namespace, self.folder(namespace))
+    def _report(self, namespace: str, stats: dict) -> None:
+        self.skipped = stats["bad"]
+        if stats["bad"]:
+            log.warning("answer cache: skipped %d damaged line(s) in %s (%s)", stats["bad"], namespace,
+                        self.folder(namespace))
         if stats["torn"]:  # a writer killed mid-line, or one writing right now
             log.debug("answer cache: %d segment(s) of %s end in a partial line", stats["torn"], namespace)
-        return found, False
 
     def holds(self, namespace: str) -> bool:
         """True when the namespace has segments (a lookup may find something); no file read."""
@@ -110,36 +144,22 @@ class AnswerCache:
             if self._reading is None or self._reading.name != location.segment:
                 self._close_reading()
                 self._reading = open(location.segment, "rb")
-            return self._value(location, read_line(self._reading, location.offset))
+            line = read_line(self._reading, location.offset)
+            return self._value(location, line[65:] if line else None)
         except OSError as exc:
             log.warning("answer cache: cannot read %s (%s)", location.segment, exc.strerror)
             return None
 
     def get_many(self, namespace: str, keys: Iterable[str]) -> Iterator[tuple[str, dict]]:
-        """``(key, value)`` for each of ``keys`` the cache holds, each segment read once, in order."""
-        handle = None
-        try:
-            for key, location in self.lookup(namespace, keys).items():
-                if handle is None or handle.name != location.segment:
-                    if handle is not None:
-                        handle.close()
-                    try:
-                        handle = open(location.segment, "rb", buffering=READ_SIZE)
-                    except OSError as exc:
-                        log.warning("answer cache: cannot read %s (%s)", location.segment, exc.strerror)
-                        handle = None
-                        continue
-                value = self._value(location, read_line(handle, location.offset))
-                if value is not None:
-                    yield key, value
-        finally:
-            if handle is not None:
-                handle.close()
+        """``(key, value)`` for each of ``keys`` the cache holds, in segment and file order."""
+        for _, key, value in self.take_values(namespace, _digests(keys)):
+            yield key, value
 
     @staticmethod
-    def _value(location: Location, line: bytes | None) -> dict | None:
+    def _value(location: Location, data: bytes | None) -> dict | None:
+        """The JSON object an entry holds after its key and tab (``data``), or None with a warning."""
         try:
-            value = loads(line[65:]) if line else None
+            value = loads(data) if data else None
         except ValueError:
             value = None
         if not isinstance(value, dict):

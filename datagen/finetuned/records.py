@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from datagen.cache import utc_date
 from datagen.finetuned.engine import BASE, Sample
 from datagen.common.errors import UserError
 from datagen.common.jsonl import AppendJsonl, atomic_writer, iter_jsonl, repair_torn_tail, sha256_file  # noqa: F401
@@ -157,7 +158,8 @@ def cached_record(value: dict, custom_id: str, provenance: Provenance, generatio
     provenance, parameters and fingerprint, and ``cached``: where the answer came from."""
     record = {"custom_id": custom_id, **{k: value["answer"][k] for k in ANSWER_FIELDS if k in value["answer"]}}
     _made_by(record, provenance, generation, input_hash, created, ignored, request_sha256)
-    record["cached"] = {k: value[k] for k in ("created", "run", "custom_id") if k in value}
+    record["cached"] = {"created": utc_date(value.get("created")),  # when, as the OpenAI route says it
+                        **{k: value[k] for k in ("run", "custom_id") if k in value}}
     return record
 
 
