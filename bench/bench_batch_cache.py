@@ -94,11 +94,11 @@ def main(argv=None) -> int:
         write_parts(folder, args.requests, args.parts)
         with LocalBatchServer(api_key=KEY, work_steps=10, storage=folder / "server") as server:
             (folder / "server").mkdir(exist_ok=True)
-            first, wall, rss = run_client(folder, server.base_url, "results.jsonl")
+            first, first_wall, rss = run_client(folder, server.base_url, "results.jsonl")
             if first.returncode != 0:
                 print(first.stdout[-2000:], first.stderr[-2000:], sep="\n")
                 return 1
-            print(f"first run: {args.requests:,} requests answered and cached, wall {wall:,.1f} s, peak RSS "
+            print(f"first run: {args.requests:,} requests answered and cached, wall {first_wall:,.1f} s, peak RSS "
                   f"{rss:,.0f} MB")
             uploads = len([f for f in server.files.values() if f.obj["purpose"] == "batch"])
             new = grow(folder, args.requests, args.grow)
@@ -108,6 +108,10 @@ def main(argv=None) -> int:
                 return 1
             print(f"rerun with {new:,} new requests ({args.grow:.0%}): wall {wall:,.1f} s, peak RSS {rss:,.0f} MB; "
                   f"the stand-in received {received(server, uploads):,} request lines")
+            paid = received(server, uploads)
+            print(f"ratio, against a rerun without the cache (all {args.requests + new:,} requests sent again, "
+                  f"as in the first run): {first_wall / wall:.2f}x the speed, {(args.requests + new) / max(paid, 1):,.0f}x "
+                  "fewer request lines paid")
             print(f"results2.jsonl holds every request exactly once: "
                   f"{each_once(folder / 'results2.jsonl', args.requests + new)}")
     finally:
