@@ -177,8 +177,8 @@ def peft_name(name: str) -> str:
 
 
 def _load_adapter(model, adapter: Path, model_name: str, adapter_config: dict, name: str = "default"):
-    """PeftModel.from_pretrained (or, on a PeftModel, ``load_adapter``) under ``name``, with
-    peft's warnings about keys turned into errors."""
+    """PeftModel.from_pretrained (or, on a PeftModel, ``load_adapter``) under ``name``; weights
+    that do not fit the base (missing or extra keys) are one error naming them."""
     from peft import PeftModel
     from peft.utils import get_peft_model_state_dict
     from peft.utils.save_and_load import load_peft_weights
@@ -187,8 +187,10 @@ def _load_adapter(model, adapter: Path, model_name: str, adapter_config: dict, n
     if adapter_config.get("peft_type") not in (None, "LORA"):
         log.warning("the adapter is a %s adapter, not LoRA; it cannot be merged faster than it runs",
                     adapter_config.get("peft_type"))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings.catch_warnings():
+        # peft's key warnings differ between releases (0.22 lists every loaded adapter's keys):
+        # the check below says what does not fit, in one line.
+        warnings.simplefilter("ignore")
         try:
             if isinstance(model, PeftModel):
                 model.load_adapter(str(adapter), adapter_name=name, is_trainable=False)
@@ -201,12 +203,7 @@ def _load_adapter(model, adapter: Path, model_name: str, adapter_config: dict, n
                 raise UserError(f"--adapter_path {adapter} does not fit {model_name} ({message}); "
                                 "it was made for another model: load the base it was trained on") from None
             raise UserError(f"--adapter_path {adapter}: cannot load it ({message})") from None
-    for warning in caught:
-        text = str(warning.message)
-        if "missing adapter keys" in text or "unexpected" in text.lower() and "key" in text.lower():
-            raise UserError(f"--adapter_path {adapter}: its weights do not match the base model's modules "
-                            f"({text[:300]}); load the base it was trained on")
-    # peft warns about missing keys only; unexpected ones it drops silently. Compare both.
+    # This adapter's keys in the model against the keys in its file, both ways.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "Setting save_embedding_layers to True ...": resized embeddings, expected
         expected = set(get_peft_model_state_dict(peft_model, adapter_name=name).keys())
