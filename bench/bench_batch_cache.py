@@ -73,6 +73,15 @@ def run_client(folder: Path, base_url: str, output: str) -> tuple[subprocess.Com
     return result, wall, int(peak[-1].split()[-1]) / 1024 if peak else float("nan")
 
 
+def run_or_say(folder: Path, base_url: str, output: str) -> tuple[float, float]:
+    """run_client's wall time and peak RSS; a failed client prints its output and stops the bench."""
+    result, wall, rss = run_client(folder, base_url, output)
+    if result.returncode != 0:
+        print(result.stdout[-2000:], result.stderr[-2000:], sep="\n")
+        raise SystemExit(1)
+    return wall, rss
+
+
 def received(server: LocalBatchServer, skip: int) -> int:
     """Request lines in the batch inputs the stand-in received, after the first ``skip`` files."""
     inputs = [f for f in server.files.values() if f.obj["purpose"] == "batch"][skip:]
@@ -94,21 +103,15 @@ def main(argv=None) -> int:
         write_parts(folder, args.requests, args.parts)
         with LocalBatchServer(api_key=KEY, work_steps=10, storage=folder / "server") as server:
             (folder / "server").mkdir(exist_ok=True)
-            first, first_wall, rss = run_client(folder, server.base_url, "results.jsonl")
-            if first.returncode != 0:
-                print(first.stdout[-2000:], first.stderr[-2000:], sep="\n")
-                return 1
+            first_wall, rss = run_or_say(folder, server.base_url, "results.jsonl")
             print(f"first run: {args.requests:,} requests answered and cached, wall {first_wall:,.1f} s, peak RSS "
                   f"{rss:,.0f} MB")
             uploads = len([f for f in server.files.values() if f.obj["purpose"] == "batch"])
             new = grow(folder, args.requests, args.grow)
-            rerun, wall, rss = run_client(folder, server.base_url, "results2.jsonl")
-            if rerun.returncode != 0:
-                print(rerun.stdout[-2000:], rerun.stderr[-2000:], sep="\n")
-                return 1
-            print(f"rerun with {new:,} new requests ({args.grow:.0%}): wall {wall:,.1f} s, peak RSS {rss:,.0f} MB; "
-                  f"the stand-in received {received(server, uploads):,} request lines")
+            wall, rss = run_or_say(folder, server.base_url, "results2.jsonl")
             paid = received(server, uploads)
+            print(f"rerun with {new:,} new requests ({args.grow:.0%}): wall {wall:,.1f} s, peak RSS {rss:,.0f} MB; "
+                  f"the stand-in received {paid:,} request lines")
             print(f"ratio, against a rerun without the cache (all {args.requests + new:,} requests sent again, "
                   f"as in the first run): {first_wall / wall:.2f}x the speed, {(args.requests + new) / max(paid, 1):,.0f}x "
                   "fewer request lines paid")
